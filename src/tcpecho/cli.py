@@ -1,0 +1,230 @@
+"""The command line: ``tcpecho serve`` and ``tcpecho client``. It parses and calls, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from tcpecho import __version__, client, log, supervisor
+from tcpecho.config import (
+    DEFAULT_BACKLOG,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PORT,
+    DEFAULT_WRITE_TIMEOUT,
+    ENGINES,
+    FRAMINGS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LOOPS,
+    REPLY_MODES,
+    ServerConfig,
+)
+from tcpecho.errors import (
+    AddressInUse,
+    AddressNotAvailable,
+    BindPermissionDenied,
+    ConnectionRefused,
+    HostNotFound,
+    TcpEchoError,
+)
+from tcpecho.protocol import DEFAULT_CONFIRM_PREFIX, MAX_LINE_LENGTH
+
+# Exit codes (also in docs/operations.md); errors.py sets each error's code.
+EXIT_OK = 0
+EXIT_INTERRUPTED = 130
+
+_HINTS: dict[type[TcpEchoError], str] = {
+    AddressInUse: "Is another instance running? Choose another port with --port.",
+    BindPermissionDenied: "Ports below 1024 need root or CAP_NET_BIND_SERVICE; "
+    "choose a port of 1024 or more with --port.",
+    AddressNotAvailable: "Is that an address of this machine? "
+    "--host 0.0.0.0 listens on every interface.",
+    HostNotFound: "Check the name given to --host.",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``tcpecho`` with ``argv`` (default: the process's arguments); return the exit code."""
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except TcpEchoError as exc:
+        hint = next((h for kind, h in _HINTS.items() if isinstance(exc, kind)), "")
+        print(f"Error: {exc}. {hint}".rstrip(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # before the signal handlers are in place, or in the client
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcpecho",
+        description="A TCP echo server and client: every byte a client sends comes back.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"tcpecho {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    add_serve_arguments(
+        commands.add_parser(
+            "serve",
+            help="run the echo server",
+            description="Run the echo server in the foreground. Ctrl-C or SIGTERM stops it "
+            "gracefully; a second Ctrl-C stops it at once.",
+            allow_abbrev=False,
+        )
+    )
+    add_client_arguments(
+        commands.add_parser(
+            "client",
+            help="talk to an echo server",
+            description="Send lines to an echo server and print the replies: interactive on "
+            "a terminal (type 'exit' to quit), one reply per input line on a pipe.",
+            allow_abbrev=False,
+        )
+    )
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(run=run_serve)
+    where = parser.add_argument_group("where to listen")
+    where.add_argument(
+        "--host", default=DEFAULT_HOST, help="address or name (default: %(default)s)"
+    )
+    where.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="0 lets the OS pick (default: %(default)s)"
+    )
+    where.add_argument(
+        "--backlog", type=int, default=DEFAULT_BACKLOG, help="listen queue (default: %(default)s)"
+    )
+    how = parser.add_argument_group("how to serve")
+    how.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="threads",
+        help="threads: a thread per client (the seed's); asyncio: one event loop "
+        "(default: %(default)s)",
+    )
+    how.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop of the asyncio engine; auto takes uvloop when installed "
+        "(default: %(default)s)",
+    )
+    how.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port (default: %(default)s)"
+    )
+    protocol = parser.add_argument_group("what to reply")
+    protocol.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        default="raw",
+        help="raw: bytes as they arrive; line: messages end with \\n (default: %(default)s)",
+    )
+    protocol.add_argument(
+        "--reply",
+        choices=REPLY_MODES,
+        default="echo",
+        help="echo: the exact bytes back; confirm: the prefix and the message "
+        "(default: %(default)s)",
+    )
+    protocol.add_argument(
+        "--confirm-prefix",
+        default=DEFAULT_CONFIRM_PREFIX,
+        help="what a confirmation starts with (default: %(default)r)",
+    )
+    protocol.add_argument(
+        "--max-line-length",
+        type=int,
+        default=MAX_LINE_LENGTH,
+        help="longest line in line framing, in bytes (default: %(default)s)",
+    )
+    limits = parser.add_argument_group("limits")
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="clients served at once; more get 'ERROR server busy' (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--write-timeout",
+        type=float,
+        default=DEFAULT_WRITE_TIMEOUT,
+        help="seconds a client may leave replies unread before it is cut off "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help="seconds a stopping server lets connections finish (default: %(default)s)",
+    )
+    logs = parser.add_argument_group("logging")
+    logs.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)"
+    )
+    logs.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="console",
+        help="console: the seed's [TAG] lines; json: one object per line (default: %(default)s)",
+    )
+    logs.add_argument("-q", "--quiet", action="store_true", help="do not log each message received")
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(run=run_client)
+    parser.add_argument(
+        "--host", default=client.DEFAULT_HOST, help="server address (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=client.DEFAULT_PORT, help="server port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=client.DEFAULT_TIMEOUT,
+        help="seconds to wait to connect and for each reply (default: %(default)s)",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        backlog=args.backlog,
+        engine=args.engine,
+        loop=args.loop,
+        workers=args.workers,
+        framing=args.framing,
+        reply=args.reply,
+        confirm_prefix=args.confirm_prefix,
+        max_line_length=args.max_line_length,
+        max_connections=args.max_connections,
+        write_timeout=args.write_timeout,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        log_messages=not args.quiet,
+    )
+    log.configure(config.log_level, config.log_format)
+    supervisor.serve(config)
+    return EXIT_OK
+
+
+def run_client(args: argparse.Namespace) -> int:
+    echo_client = client.EchoClient(args.host, args.port, args.timeout)
+    try:
+        echo_client.connect()
+    except ConnectionRefused:
+        # The seed's words, exactly.
+        print(f"Error: Connection refused. Is the server running on {args.host}:{args.port}?")
+        return ConnectionRefused.exit_code
+    if sys.stdin.isatty():
+        return client.run_interactive(echo_client, sys.stdin, sys.stdout)
+    return client.run_script(echo_client, sys.stdin.buffer, sys.stdout.buffer)

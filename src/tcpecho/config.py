@@ -1,0 +1,99 @@
+"""One frozen configuration, validated once, shared by every part of the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from tcpecho.errors import ConfigError
+from tcpecho.protocol import DEFAULT_CONFIRM_PREFIX, MAX_LINE_LENGTH, Framing, ReplyMode
+
+EngineName = Literal["threads", "asyncio"]
+LoopName = Literal["auto", "asyncio", "uvloop"]
+LogFormat = Literal["console", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+ENGINES: tuple[EngineName, ...] = get_args(EngineName)
+LOOPS: tuple[LoopName, ...] = get_args(LoopName)
+FRAMINGS: tuple[Framing, ...] = get_args(Framing)
+REPLY_MODES: tuple[ReplyMode, ...] = get_args(ReplyMode)
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+
+# The seed's address: every interface, port 65432.
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 65432
+# How long a stopping server lets connections finish echoing what they were sent.
+DEFAULT_DRAIN_TIMEOUT = 5.0
+# Large enough for a burst of thousands of simultaneous connects (gunicorn uses 2048); the
+# kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 2048
+# A thread costs about 18 KiB plus its stack; an asyncio connection a few KiB. This bound keeps
+# a flood of clients from exhausting descriptors or memory; raise it for load tests.
+DEFAULT_MAX_CONNECTIONS = 1024
+# A client that stops reading while the server has replies queued is cut off after this long.
+DEFAULT_WRITE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything a server needs to run. Raises `ConfigError` when a value is out of range."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    engine: EngineName = "threads"
+    loop: LoopName = "auto"
+    framing: Framing = "raw"
+    reply: ReplyMode = "echo"
+    confirm_prefix: str = DEFAULT_CONFIRM_PREFIX
+    max_line_length: int = MAX_LINE_LENGTH
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    backlog: int = DEFAULT_BACKLOG
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    workers: int = 1
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "console"
+    log_messages: bool = True
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "--port", self.port, "must be 0 to 65535")
+        _choice("--engine", self.engine, ENGINES)
+        _choice("--loop", self.loop, LOOPS)
+        _choice("--framing", self.framing, FRAMINGS)
+        _choice("--reply", self.reply, REPLY_MODES)
+        _choice("--log-format", self.log_format, LOG_FORMATS)
+        _choice("--log-level", self.log_level, LOG_LEVELS)
+        _require(
+            self.max_line_length >= 1,
+            "--max-line-length",
+            self.max_line_length,
+            "must be at least 1",
+        )
+        _require(
+            self.drain_timeout >= 0, "--drain-timeout", self.drain_timeout, "must be at least 0"
+        )
+        _require(self.backlog >= 1, "--backlog", self.backlog, "must be at least 1")
+        _require(
+            self.max_connections >= 1,
+            "--max-connections",
+            self.max_connections,
+            "must be at least 1",
+        )
+        _require(
+            self.write_timeout > 0, "--write-timeout", self.write_timeout, "must be more than 0"
+        )
+        _require(self.workers >= 1, "--workers", self.workers, "must be at least 1")
+        try:
+            self.confirm_prefix.encode()
+        except UnicodeEncodeError as exc:
+            raise ConfigError("--confirm-prefix", self.confirm_prefix, str(exc)) from exc
+
+
+def _require(ok: bool, option: str, value: object, reason: str) -> None:
+    if not ok:
+        raise ConfigError(option, value, reason)
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, option, value, f"choose from {', '.join(choices)}")

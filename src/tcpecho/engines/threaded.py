@@ -1,0 +1,235 @@
+"""The seed's model: one thread per connection, every thread named, tracked and joined."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import selectors
+import socket
+import struct
+import threading
+import time
+
+from tcpecho import net
+from tcpecho.config import ServerConfig
+from tcpecho.engines.base import (
+    ACCEPT_RETRY_DELAY,
+    LINGER_TIMEOUT,
+    RECV_SIZE,
+    ConnectionLog,
+    Summary,
+    describe_os_error,
+    new_connection,
+)
+from tcpecho.net import Address
+from tcpecho.protocol import BUSY_REPLY, EchoConnection, State
+
+# Accept errors that mean "out of resources for now": pause and retry, never stop serving.
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class ThreadedEngine:
+    """Accepts in the calling thread; serves each connection in a thread of its own.
+
+    The accept loop waits in a selector on the listeners and a wake-up socket, so `stop`
+    wakes it at once. Stopping shuts the read side of every connection, which wakes each
+    thread's blocking ``recv``; the thread echoes what was already received and closes.
+    """
+
+    description = "threads"
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.log = ConnectionLog(config)
+        self.summary = Summary()
+        self._listeners: list[socket.socket] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = threading.Event()
+        self._forced = threading.Event()
+        self._idle = threading.Event()  # set when draining and no connection is left
+        self._lock = threading.Lock()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+
+    def start(self) -> list[Address]:
+        self._listeners = net.open_listeners(
+            self.config.host, self.config.port, self.config.backlog
+        )
+        return [sock.getsockname()[:2] for sock in self._listeners]
+
+    def stop(self, *, force: bool = False) -> None:
+        self._stopping.set()
+        if force:
+            self._forced.set()
+            self._idle.set()
+        # The wake-up socket may be full (already woken) or closed (serve() returned).
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def serve(self) -> Summary:
+        try:
+            self._accept_until_stopped()
+        finally:
+            for sock in self._listeners:
+                sock.close()
+            self._drain()
+            self._wake_r.close()
+            self._wake_w.close()
+        return self.summary
+
+    def _accept_until_stopped(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            for listener in self._listeners:
+                selector.register(listener, selectors.EVENT_READ, data=listener)
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.data is not None:
+                        self._accept(key.data)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                raise
+            self.log.accept_failed(
+                "cannot accept a connection: %s; retrying", exc.strerror or str(exc)
+            )
+            self._stopping.wait(ACCEPT_RETRY_DELAY)
+            return
+        sock.setblocking(True)
+        peer = net.format_address(address)
+        with self._lock:
+            active = len(self._connections)
+            if active >= self.config.max_connections:
+                busy = True
+            else:
+                busy = False
+                thread = threading.Thread(
+                    target=self._serve_connection, args=(sock, peer), name=f"conn-{peer}"
+                )
+                self._connections[sock] = thread
+                self.summary.connections += 1
+        if busy:
+            self._refuse(sock, peer)
+            return
+        self.log.opened(peer, active + 1)
+        thread.start()
+
+    def _refuse(self, sock: socket.socket, peer: str) -> None:
+        self.log.busy(
+            "refused %s: %d connections open (--max-connections)", peer, self.config.max_connections
+        )
+        try:
+            sock.setblocking(False)
+            sock.send(BUSY_REPLY)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        sock.close()
+
+    def _serve_connection(self, sock: socket.socket, peer: str) -> None:
+        conn = new_connection(self.config)
+        sent = 0
+        reason = "closed by client"
+        _set_send_timeout(sock, self.config.write_timeout)
+        try:
+            while conn.state is State.OPEN:
+                data = sock.recv(RECV_SIZE)
+                if not data and self._stopping.is_set():
+                    reason = "closed: server stopping"
+                    if pending := _read_pending(sock):
+                        sent += self._reply(sock, conn, peer, pending)
+                sent += self._reply(sock, conn, peer, data)
+            if conn.state is State.REJECTED:
+                reason = "closed: line too long"
+                self.log.rejected(peer, conn)
+            _linger(sock, conn)
+        except BlockingIOError:
+            reason = "closed: not reading (--write-timeout)"
+        except OSError as exc:
+            reason = describe_os_error(exc)
+        finally:
+            with self._lock:  # unregistered under the lock, so _drain never shuts a closed fd
+                del self._connections[sock]
+                sock.close()
+                self.summary.bytes_received += conn.bytes_received
+                self.summary.bytes_echoed += sent
+                if self._stopping.is_set() and not self._connections:
+                    self._idle.set()
+            self.log.closed(peer, conn, sent, reason)
+
+    def _reply(self, sock: socket.socket, conn: EchoConnection, peer: str, data: bytes) -> int:
+        out = conn.receive_data(data)
+        self.log.messages(peer, conn.frames)
+        if out:
+            sock.sendall(out)
+        return len(out)
+
+    def _drain(self) -> None:
+        with self._lock:
+            if not self._connections:
+                self._idle.set()
+            for sock in self._connections:
+                _shutdown(sock, socket.SHUT_RD)
+        if not self._idle.wait(self.config.drain_timeout):
+            self.log.logger.warning(
+                "drain timeout (%gs) reached: closing %d connections",
+                self.config.drain_timeout,
+                len(self._connections),
+                extra={"tag": "SERVER STOPPING"},
+            )
+        with self._lock:
+            threads = list(self._connections.values())
+            for sock in self._connections:
+                _shutdown(sock, socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join()
+
+
+def _read_pending(sock: socket.socket) -> bytes:
+    """What the client had sent before the server stopped reading: the receive queue now."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _linger(sock: socket.socket, conn: EchoConnection) -> None:
+    """Close our side, then read and discard until the client closes or `LINGER_TIMEOUT`.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy replies the
+    client has not read yet; reading first lets them arrive.
+    """
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + LINGER_TIMEOUT
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                break
+            conn.receive_data(data)
+    except OSError:  # timed out, or reset: either way the client had its chance
+        pass
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    # SO_SNDTIMEO bounds only sends; a blocked send then fails with EAGAIN (BlockingIOError).
+    # Python's own timeout would also end idle reads, which must wait for as long as it takes.
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _shutdown(sock: socket.socket, how: int) -> None:
+    with contextlib.suppress(OSError):  # the peer may be gone already
+        sock.shutdown(how)

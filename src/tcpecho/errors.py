@@ -1,0 +1,81 @@
+"""tcpecho's errors. Each carries its data; the CLI turns it into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class TcpEchoError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with (see docs/operations.md)."""
+
+    exit_code = 1
+
+
+class ConfigError(TcpEchoError):
+    """An option has a value it cannot take."""
+
+    exit_code = 2
+
+    def __init__(self, option: str, value: object, reason: str) -> None:
+        super().__init__(option, value, reason)
+        self.option = option
+        self.value = value
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"invalid {self.option} {self.value!r}: {self.reason}"
+
+
+class HostNotFound(TcpEchoError):
+    """A host name did not resolve to any address."""
+
+    exit_code = 6
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(host, reason)
+        self.host = host
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot resolve host {self.host!r}: {self.reason}"
+
+
+class BindError(TcpEchoError):
+    """The server could not listen on ``address``; ``errno`` and ``strerror`` from the OS."""
+
+    def __init__(self, address: str, errno: int | None, strerror: str) -> None:
+        super().__init__(address, errno, strerror)
+        self.address = address
+        self.errno = errno
+        self.strerror = strerror
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address}: {self.strerror}"
+
+
+class AddressInUse(BindError):
+    exit_code = 3
+
+
+class BindPermissionDenied(BindError):
+    exit_code = 4
+
+
+class AddressNotAvailable(BindError):
+    exit_code = 5
+
+
+class ConnectFailed(TcpEchoError):
+    """The client could not reach the server at ``address``."""
+
+    exit_code = 7
+
+    def __init__(self, address: str, strerror: str) -> None:
+        super().__init__(address, strerror)
+        self.address = address
+        self.strerror = strerror
+
+    def __str__(self) -> str:
+        return f"cannot connect to {self.address}: {self.strerror}"
+
+
+class ConnectionRefused(ConnectFailed):
+    pass

@@ -1,0 +1,89 @@
+"""Listening sockets, and the one place where the OS's bind errors become ours."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from tcpecho.errors import (
+    AddressInUse,
+    AddressNotAvailable,
+    BindError,
+    BindPermissionDenied,
+    HostNotFound,
+)
+
+Address = tuple[str, int]
+
+_BIND_ERRORS: dict[int, type[BindError]] = {
+    errno.EADDRINUSE: AddressInUse,
+    errno.EACCES: BindPermissionDenied,
+    errno.EPERM: BindPermissionDenied,
+    errno.EADDRNOTAVAIL: AddressNotAvailable,
+}
+
+
+def format_address(address: tuple[object, ...]) -> str:
+    """``host:port``, with IPv6 hosts in brackets: ``[::1]:65432``."""
+    host, port = str(address[0]), address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def open_listeners(
+    host: str, port: int, backlog: int, *, reuse_port: bool = False
+) -> list[socket.socket]:
+    """Bind and listen on every address ``host`` resolves to, non-blocking.
+
+    With port 0 the OS picks a port, and every further address gets that same port. Raises
+    `HostNotFound` or a `BindError`; on error no socket is left open. The caller closes the
+    sockets.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise HostNotFound(host, exc.strerror or str(exc)) from exc
+    listeners: list[socket.socket] = []
+    seen: set[tuple[object, ...]] = set()
+    try:
+        for family, kind, proto, _, resolved in infos:
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            sockaddr = resolved
+            if port == 0 and listeners:
+                sockaddr = (resolved[0], listeners[0].getsockname()[1], *resolved[2:])
+            listeners.append(_listen(family, kind, proto, sockaddr, backlog, reuse_port))
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+def _listen(
+    family: int,
+    kind: int,
+    proto: int,
+    sockaddr: tuple[object, ...],
+    backlog: int,
+    reuse_port: bool,
+) -> socket.socket:
+    sock = socket.socket(family, kind, proto)
+    try:
+        # A server restarted right after a stop must bind again despite TIME_WAIT connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # "::" must not also claim IPv4, so that "0.0.0.0" and "::" can be bound together.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        error = _BIND_ERRORS.get(exc.errno or 0, BindError)
+        raise error(format_address(sockaddr), exc.errno, exc.strerror or str(exc)) from exc
+    return sock

@@ -1,0 +1,88 @@
+"""EchoConnection: the echo protocol as a small state machine, with no I/O (like h11).
+
+An engine feeds it what it reads and sends what it returns::
+
+    out = conn.receive_data(data)   # b"" when the peer finished sending
+    send(out)
+    if conn.state is not State.OPEN: close after sending
+
+It never touches a socket, a clock or a logger, so both engines share every behaviour here.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from tcpecho.protocol.framing import MAX_LINE_LENGTH, Framing, LineSplitter, LineTooLong
+from tcpecho.protocol.replies import (
+    DEFAULT_CONFIRM_PREFIX,
+    ReplyMode,
+    line_too_long_reply,
+    make_reply,
+)
+
+
+class State(enum.Enum):
+    """What the connection does next. OPEN is the only state that reads more."""
+
+    OPEN = "open"  # reading and replying
+    DONE = "done"  # the peer finished sending: send what is left, then close
+    REJECTED = "rejected"  # the peer broke a limit: send the error, then close; input discarded
+
+
+class EchoConnection:
+    """One client's echo session.
+
+    Attributes an engine reads after each `receive_data` call:
+
+    - ``state``: see `State`.
+    - ``frames``: the messages that call completed (for logging).
+    - ``error``: the `LineTooLong` that moved the state to REJECTED, else None.
+    - ``bytes_received`` and ``bytes_discarded``: totals for the log; every byte received is
+      replied to unless it is counted in ``bytes_discarded``.
+    """
+
+    def __init__(
+        self,
+        framing: Framing = "raw",
+        reply: ReplyMode = "echo",
+        *,
+        max_line_length: int = MAX_LINE_LENGTH,
+        confirm_prefix: bytes = DEFAULT_CONFIRM_PREFIX.encode(),
+    ) -> None:
+        self.state = State.OPEN
+        self.frames: list[bytes] = []
+        self.error: LineTooLong | None = None
+        self.bytes_received = 0
+        self.bytes_discarded = 0
+        self._reply = make_reply(reply, framing, confirm_prefix)
+        self._lines = LineSplitter(max_line_length) if framing == "line" else None
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Take bytes from the peer (``b""``: it finished sending); return the bytes to send."""
+        if self.state is not State.OPEN:
+            self.frames = []
+            self.bytes_discarded += len(data)
+            return b""
+        if not data:
+            self.state = State.DONE
+            rest = self._lines.flush() if self._lines is not None else b""
+            self.frames = [rest] if rest else []
+            return self._reply(rest) if rest else b""
+        self.bytes_received += len(data)
+        if self._lines is None:
+            self.frames = [data]
+            return self._reply(data)
+        try:
+            self.frames = self._lines.feed(data)
+        except LineTooLong as exc:
+            self.state = State.REJECTED
+            self.error = exc
+            self.bytes_discarded += exc.discarded
+            self.frames = exc.lines
+            return self._replies(exc.lines) + line_too_long_reply(exc.max_length)
+        return self._replies(self.frames)
+
+    def _replies(self, frames: list[bytes]) -> bytes:
+        reply = self._reply
+        return b"".join([reply(frame) for frame in frames])

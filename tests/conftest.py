@@ -1,0 +1,118 @@
+"""Shared fixtures: real servers on ports the OS picks, and real peer programs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tcpecho.config import ENGINES, ServerConfig
+from tcpecho.testing import RunningServer, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require_peer(name: str) -> str:
+    """The path of the real program ``name``: skipped locally when missing, failed in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"the real peer {name!r} is not installed (.ci/run installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each engine name in turn: a test that takes it runs once per engine."""
+    name: str = request.param
+    return name
+
+
+ServerFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def serve(engine: str) -> Iterator[ServerFactory]:
+    """Start a server on 127.0.0.1, port 0, with the ``engine`` and any ServerConfig options."""
+    with ExitStack() as stack:
+
+        def start(**options: Any) -> RunningServer:
+            options.setdefault("host", "127.0.0.1")
+            options.setdefault("port", 0)
+            options.setdefault("drain_timeout", 2.0)
+            config = ServerConfig(engine=engine, **options)  # type: ignore[arg-type]
+            return stack.enter_context(running_server(config))
+
+        yield start
+
+
+@pytest.fixture
+def server(serve: ServerFactory) -> RunningServer:
+    """A default server (raw framing, exact echo) of each engine."""
+    return serve()
+
+
+def connect(address: tuple[str, int], timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(address, timeout=timeout)
+
+
+def recv_exactly(sock: socket.socket, size: int, chunk: int = 65536) -> bytes:
+    """Read ``size`` bytes, in reads of at most ``chunk``; fewer only if the peer closed."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        data = sock.recv(min(chunk, size - got))
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+def recv_until_closed(sock: socket.socket) -> bytes:
+    parts = []
+    while data := sock.recv(65536):
+        parts.append(data)
+    return b"".join(parts)
+
+
+class ServerProcess(AbstractContextManager["ServerProcess"]):
+    """``python3 tcp_server.py ARGS`` as a child process, its output read line by line."""
+
+    def __init__(self, *args: str, python: str = sys.executable, script: str = "tcp_server.py"):
+        self.proc = subprocess.Popen(
+            [python, "-u", str(ROOT / script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.lines.append(line)
+        return line
+
+    def wait_for(self, text: str) -> str:
+        """Read lines until one contains ``text``; fails if the output ends first."""
+        while line := self.readline():
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} never printed; output: {self.lines}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
