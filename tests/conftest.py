@@ -112,6 +112,18 @@ class ServerProcess(AbstractContextManager["ServerProcess"]):
                 return line
         raise AssertionError(f"{text!r} never printed; output: {self.lines}")
 
+    def wait_listening(self) -> int:
+        """Read the banner (the first line) and return the port it names."""
+        banner = self.readline()
+        assert banner.startswith("[SERVER STARTING] Listening on "), (banner, self.stderr())
+        return int(banner.rsplit(":", 1)[1])
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
     def __exit__(self, *exc_info: object) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
