@@ -1,7 +1,7 @@
 """Helpers for testing code against a real tcpecho server, in this process.
 
-    with running_server(ServerConfig(host="127.0.0.1", port=0)) as server:
-        sock = socket.create_connection(server.address)
+with running_server(ServerConfig(host="127.0.0.1", port=0)) as server:
+    sock = socket.create_connection(server.address)
 """
 
 from __future__ import annotations

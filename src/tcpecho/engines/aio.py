@@ -139,7 +139,7 @@ class AsyncioEngine:
 
     def _drain_started(self) -> None:
         for protocol in list(self.connections):
-            protocol.finish("closed: server stopping")
+            protocol.finish("closed: server stopping", linger=False)
         self.connection_closed()
 
     def connection_closed(self) -> None:
@@ -209,23 +209,26 @@ class EchoProtocol(asyncio.Protocol):
             self._close_after_linger()
 
     def eof_received(self) -> bool:
-        if self.conn.state is State.OPEN:
-            self.finish(self.reason)
-            return True  # keep the transport: our last replies may still be queued
-        self._close_now()
-        return False
+        self.finish(self.reason, linger=False)
+        return True  # close() below flushes our last replies first
 
-    def finish(self, reason: str) -> None:
-        """The end of input: reply to what is left, then close our side."""
-        if self.conn.state is not State.OPEN:
-            return
-        self.reason = reason
-        out = self.conn.receive_data(b"")
-        self.log.messages(self.peer, self.conn.frames)
-        if out:
-            self.transport.write(out)
-            self.sent += len(out)
-        self._close_after_linger()
+    def finish(self, reason: str, *, linger: bool) -> None:
+        """The end of input: reply to what is left, then close once it is sent.
+
+        ``linger``: half-close and wait for the client's end first (see `_close_after_linger`);
+        pointless when the client has finished sending, and skipped when the server stops.
+        """
+        if self.conn.state is State.OPEN:
+            self.reason = reason
+            out = self.conn.receive_data(b"")
+            self.log.messages(self.peer, self.conn.frames)
+            if out:
+                self.transport.write(out)
+                self.sent += len(out)
+        if linger:
+            self._close_after_linger()
+        else:
+            self._close_now()
 
     def pause_writing(self) -> None:
         # The client is not reading: stop reading from it too, and give it write_timeout.

@@ -41,7 +41,7 @@ class LineSplitter:
         end = data.rfind(b"\n")
         if end < 0:
             pending += data
-            self._check_pending()
+            self._check_pending([])
             return []
         pending += data[: end + 1]
         lines = [line + b"\n" for line in bytes(pending).split(b"\n")[:-1]]
@@ -52,7 +52,7 @@ class LineSplitter:
                 discarded = sum(map(len, lines[index:])) + len(pending)
                 pending.clear()
                 raise LineTooLong(self.max_length, lines[:index], discarded)
-        self._check_pending()
+        self._check_pending(lines)
         return lines
 
     def flush(self) -> bytes:
@@ -61,7 +61,8 @@ class LineSplitter:
         self._pending.clear()
         return rest
 
-    def _check_pending(self) -> None:
+    def _check_pending(self, lines: list[bytes]) -> None:
+        """Raise `LineTooLong` (after ``lines``) if the unterminated tail is already too long."""
         # One byte of slack: a pending "\r" may still become the "\r\n" of a full-length line.
         pending = self._pending
         if len(pending) > self.max_length + 1 or (
@@ -69,7 +70,7 @@ class LineSplitter:
         ):
             discarded = len(pending)
             pending.clear()
-            raise LineTooLong(self.max_length, [], discarded)
+            raise LineTooLong(self.max_length, lines, discarded)
 
 
 def _content_length(line: bytes) -> int:
