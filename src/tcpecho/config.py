@@ -52,6 +52,10 @@ class ServerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     workers: int = 1
+    # Set by the supervisor for its worker processes: the worker's number (0: no workers), and
+    # SO_REUSEPORT so that every worker listens on the same port.
+    worker: int = 0
+    reuse_port: bool = False
     log_level: LogLevel = "info"
     log_format: LogFormat = "console"
     log_messages: bool = True

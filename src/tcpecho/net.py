@@ -30,9 +30,12 @@ def format_address(address: tuple[object, ...]) -> str:
 
 
 def open_listeners(
-    host: str, port: int, backlog: int, *, reuse_port: bool = False
+    host: str, port: int, backlog: int | None, *, reuse_port: bool = False
 ) -> list[socket.socket]:
     """Bind and listen on every address ``host`` resolves to, non-blocking.
+
+    With ``backlog`` None the sockets are bound but not listening: that reserves the port (with
+    ``reuse_port``, for worker processes that then listen on it) without taking connections.
 
     With port 0 the OS picks a port, and every further address gets that same port. Raises
     `HostNotFound` or a `BindError`; on error no socket is left open. The caller closes the
@@ -67,7 +70,7 @@ def _listen(
     kind: int,
     proto: int,
     sockaddr: tuple[object, ...],
-    backlog: int,
+    backlog: int | None,
     reuse_port: bool,
 ) -> socket.socket:
     sock = socket.socket(family, kind, proto)
@@ -80,7 +83,8 @@ def _listen(
             # "::" must not also claim IPv4, so that "0.0.0.0" and "::" can be bound together.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(backlog)
+        if backlog is not None:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

@@ -1,35 +1,41 @@
-"""Runs a server in the foreground: banner, signals, summary."""
+"""Runs a server in the foreground: banner, signals, worker processes, summary."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from tcpecho import net
 from tcpecho.config import ServerConfig
 from tcpecho.engines import Summary, create_engine
-from tcpecho.net import format_address
+from tcpecho.net import Address, format_address
 
 logger = logging.getLogger("tcpecho.server")
+
+# A worker that dies is restarted after this pause, so a worker that cannot start at all does
+# not make the supervisor spin.
+WORKER_RESTART_DELAY = 0.5
 
 
 def serve(config: ServerConfig) -> Summary:
     """Listen, log the banner, serve until SIGINT or SIGTERM, log the summary.
 
     The first signal stops accepting and drains; a second one closes every connection at
-    once. Raises `HostNotFound` or a `BindError` when the server cannot listen.
+    once. With ``config.workers`` > 1 this process supervises that many worker processes
+    instead. Raises `HostNotFound` or a `BindError` when the server cannot listen.
     """
+    if config.workers > 1:
+        return _serve_workers(config)
     engine = create_engine(config)
     addresses = engine.start()
-    listening = ", ".join(format_address(address) for address in addresses)
-    logger.info(
-        "Listening on %s",
-        listening,
-        extra={"tag": "SERVER STARTING", "fields": {"addresses": [list(a) for a in addresses]}},
-    )
+    _log_banner(addresses)
     logger.info(
         "engine %s, %s framing, %s replies, up to %d connections",
         engine.description,
@@ -40,8 +46,23 @@ def serve(config: ServerConfig) -> Summary:
     )
     with stop_on_signals(engine.stop):
         summary = engine.serve()
+    _log_summary(summary)
+    return summary
+
+
+def _log_banner(addresses: list[Address]) -> None:
+    listening = ", ".join(format_address(address) for address in addresses)
     logger.info(
-        "%d connections served, %d bytes echoed",
+        "Listening on %s",
+        listening,
+        extra={"tag": "SERVER STARTING", "fields": {"addresses": [list(a) for a in addresses]}},
+    )
+
+
+def _log_summary(summary: Summary, worker: str = "") -> None:
+    logger.info(
+        "%s%d connections served, %d bytes echoed",
+        worker,
         summary.connections,
         summary.bytes_echoed,
         extra={
@@ -49,7 +70,6 @@ def serve(config: ServerConfig) -> Summary:
             "fields": {"connections": summary.connections, "bytes_echoed": summary.bytes_echoed},
         },
     )
-    return summary
 
 
 @contextmanager
@@ -75,3 +95,87 @@ def stop_on_signals(stop: Callable[..., None]) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _serve_workers(config: ServerConfig) -> Summary:
+    """Fork ``config.workers`` processes that listen on one port with SO_REUSEPORT.
+
+    This process reserves the port (bound, not listening, so it takes no connections), prints
+    the banner once, restarts a worker that dies, and forwards SIGINT/SIGTERM to the workers as
+    SIGTERM: the first makes them drain, the second makes them stop at once.
+    """
+    reserved = net.open_listeners(config.host, config.port, None, reuse_port=True)
+    addresses: list[Address] = [sock.getsockname()[:2] for sock in reserved]
+    worker_config = dataclasses.replace(config, port=addresses[0][1], workers=1, reuse_port=True)
+    workers: dict[int, int] = {}  # pid → worker number
+    stopping = False
+
+    def forward(force: bool = False) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+
+    _log_banner(addresses)
+    try:
+        with stop_on_signals(forward):
+            for number in range(1, config.workers + 1):
+                workers[_fork_worker(dataclasses.replace(worker_config, worker=number))] = number
+            while workers:
+                pid, status = os.wait()
+                number = workers.pop(pid)
+                if stopping:
+                    continue
+                logger.warning(
+                    "worker %d (pid %d) %s; restarting it",
+                    number,
+                    pid,
+                    _describe_status(status),
+                    extra={"tag": "WORKER", "fields": {"worker": number, "pid": pid}},
+                )
+                time.sleep(WORKER_RESTART_DELAY)
+                if not stopping:
+                    workers[_fork_worker(dataclasses.replace(worker_config, worker=number))] = (
+                        number
+                    )
+    finally:
+        for sock in reserved:
+            sock.close()
+    logger.info("all %d workers stopped", config.workers, extra={"tag": "SERVER STOPPED"})
+    return Summary()
+
+
+def _fork_worker(config: ServerConfig) -> int:
+    """Start one worker process; return its pid. The child never returns from here."""
+    pid = os.fork()
+    if pid:
+        logger.info(
+            "worker %d started (pid %d), engine %s",
+            config.worker,
+            pid,
+            config.engine,
+            extra={"tag": "WORKER", "fields": {"worker": config.worker, "pid": pid}},
+        )
+        return pid
+    code = 1
+    try:
+        # Ctrl-C reaches the whole process group: only the supervisor's SIGTERM counts here.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine = create_engine(config)
+        engine.start()
+        with stop_on_signals(engine.stop):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            summary = engine.serve()
+        _log_summary(summary, worker=f"worker {config.worker}: ")
+        code = 0
+    except BaseException:
+        logger.exception("worker %d failed", config.worker, extra={"tag": "WORKER"})
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"

@@ -71,7 +71,12 @@ class AsyncioEngine:
         loop = self._uvloop.new_event_loop() if self._uvloop else asyncio.new_event_loop()
         self._loop = loop
         loop.set_exception_handler(self._loop_exception)
-        listeners = net.open_listeners(self.config.host, self.config.port, self.config.backlog)
+        listeners = net.open_listeners(
+            self.config.host,
+            self.config.port,
+            self.config.backlog,
+            reuse_port=self.config.reuse_port,
+        )
         try:
             for sock in listeners:
                 server = loop.run_until_complete(

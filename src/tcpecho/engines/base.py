@@ -95,14 +95,16 @@ class ConnectionLog:
     def __init__(self, config: ServerConfig) -> None:
         self.logger = logging.getLogger("tcpecho.server")
         self.log_messages = config.log_messages
+        self.worker = f" (worker {config.worker})" if config.worker else ""
         self.busy = RateLimitedWarning(self.logger, "BUSY")
         self.accept_failed = RateLimitedWarning(self.logger, "ACCEPT ERROR")
 
     def opened(self, peer: str, active: int) -> None:
         self.logger.info(
-            "%s connected. Active connections: %d",
+            "%s connected. Active connections: %d%s",
             peer,
             active,
+            self.worker,
             extra={"tag": "NEW CONNECTION", "fields": {"peer": peer, "active": active}},
         )
 

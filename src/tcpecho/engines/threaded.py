@@ -52,7 +52,10 @@ class ThreadedEngine:
 
     def start(self) -> list[Address]:
         self._listeners = net.open_listeners(
-            self.config.host, self.config.port, self.config.backlog
+            self.config.host,
+            self.config.port,
+            self.config.backlog,
+            reuse_port=self.config.reuse_port,
         )
         return [sock.getsockname()[:2] for sock in self._listeners]
 
