@@ -159,7 +159,10 @@ def _fork_worker(config: ServerConfig) -> int:
         return pid
     code = 1
     try:
-        # Ctrl-C reaches the whole process group: only the supervisor's SIGTERM counts here.
+        # The supervisor's handlers came along with the fork; until the engine's own are in
+        # place a SIGTERM simply ends this worker. Ctrl-C reaches the whole process group, so
+        # a worker ignores SIGINT and heeds only the SIGTERM the supervisor forwards.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         engine = create_engine(config)
         engine.start()

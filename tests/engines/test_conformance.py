@@ -222,3 +222,20 @@ def test_socat_gets_a_binary_file_back(server: RunningServer) -> None:
         check=True,
     )
     assert result.stdout == payload
+
+
+def test_two_thousand_clients_connecting_at_once_are_all_served(serve: ServerFactory) -> None:
+    """The listen backlog holds a burst: every connect succeeds, every client gets its echo."""
+    server = serve(max_connections=2100)
+    clients = []
+    try:
+        for _ in range(2000):  # connect() returns once the kernel queued us, accepted or not
+            clients.append(connect(server.address, timeout=30))
+        for number, sock in enumerate(clients):
+            sock.sendall(b"%d\n" % number)
+        for number, sock in enumerate(clients):
+            expected = b"%d\n" % number
+            assert recv_exactly(sock, len(expected)) == expected
+    finally:
+        for sock in clients:
+            sock.close()
