@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tcpecho.config import ENGINES, ServerConfig
+from tcpecho.config import ServerConfig
 from tcpecho.testing import RunningServer, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +33,32 @@ def require_peer(name: str) -> str:
     return path
 
 
-@pytest.fixture(params=ENGINES)
+# Every way tcpecho can serve: the engine, and for asyncio the event loop.
+ENGINE_VARIANTS: dict[str, dict[str, str]] = {
+    "threads": {"engine": "threads"},
+    "asyncio": {"engine": "asyncio", "loop": "asyncio"},
+    "uvloop": {"engine": "asyncio", "loop": "uvloop"},
+}
+
+
+def engine_options(variant: str) -> dict[str, str]:
+    """ServerConfig options for ``variant``; skipped (failed in CI) when uvloop is missing."""
+    if variant == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        message = "uvloop is not installed (it is in the test extras)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return ENGINE_VARIANTS[variant]
+
+
+def engine_arguments(variant: str) -> list[str]:
+    """The same as command-line arguments of tcp_server.py."""
+    return [f"--{name}={value}" for name, value in engine_options(variant).items()]
+
+
+@pytest.fixture(params=list(ENGINE_VARIANTS))
 def engine(request: pytest.FixtureRequest) -> str:
-    """Each engine name in turn: a test that takes it runs once per engine."""
+    """Each engine variant in turn: a test that takes it runs once per engine and loop."""
     name: str = request.param
     return name
 
@@ -51,7 +75,8 @@ def serve(engine: str) -> Iterator[ServerFactory]:
             options.setdefault("host", "127.0.0.1")
             options.setdefault("port", 0)
             options.setdefault("drain_timeout", 2.0)
-            config = ServerConfig(engine=engine, **options)  # type: ignore[arg-type]
+            options = {**engine_options(engine), **options}
+            config = ServerConfig(**options)
             return stack.enter_context(running_server(config))
 
         yield start

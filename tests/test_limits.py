@@ -11,8 +11,15 @@ import time
 
 import pytest
 
-from tcpecho.config import ENGINES
-from tests.conftest import ROOT, ServerProcess, connect, recv_exactly, require_peer
+from tests.conftest import (
+    ENGINE_VARIANTS,
+    ROOT,
+    ServerProcess,
+    connect,
+    engine_arguments,
+    recv_exactly,
+    require_peer,
+)
 
 
 def rss_bytes(pid: int) -> int:
@@ -29,12 +36,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ENGINE_VARIANTS)
 def test_a_client_that_never_reads_cannot_grow_server_memory(engine: str) -> None:
     """200 MiB sent without reading: RSS stays within 64 MiB of idle, others are served,
     and the stuck client is cut off after --write-timeout with one log line."""
     with ServerProcess(
-        "--host", "127.0.0.1", "--port", "0", "--engine", engine, "-q", "--write-timeout", "3"
+        "--host", "127.0.0.1", "--port", "0", *engine_arguments(engine), "-q", "--write-timeout=3"
     ) as server:
         port = server.wait_listening()
         with connect(("127.0.0.1", port)) as warm:  # idle RSS includes one served client
@@ -62,10 +69,10 @@ def test_a_client_that_never_reads_cannot_grow_server_memory(engine: str) -> Non
             hog.close()
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ENGINE_VARIANTS)
 def test_out_of_descriptors_the_server_waits_then_serves_again(engine: str) -> None:
     """EMFILE neither ends the accept loop nor spins the CPU; freed descriptors serve again."""
-    server = [sys.executable, "-u", str(ROOT / "tcp_server.py"), "--engine", engine, "-q"]
+    server = [sys.executable, "-u", str(ROOT / "tcp_server.py"), *engine_arguments(engine), "-q"]
     proc = subprocess.Popen(
         [require_peer("prlimit"), "--nofile=40:40", *server, "--host", "127.0.0.1", "--port", "0"],
         stdout=subprocess.PIPE,

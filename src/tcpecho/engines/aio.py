@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import logging
+import socket
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from tcpecho import net
 from tcpecho.config import LoopName, ServerConfig
 from tcpecho.engines.base import (
+    ACCEPT_BATCH,
+    ACCEPT_RETRY_DELAY,
+    ACCEPT_RETRY_ERRNOS,
     LINGER_TIMEOUT,
     WRITE_BUFFER_HIGH_WATER,
     ConnectionLog,
@@ -56,7 +59,9 @@ class AsyncioEngine:
         self.stopping = False
         self._uvloop = load_uvloop(config.loop)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[socket.socket] = []
+        self._retries: list[asyncio.TimerHandle] = []
+        self._handshakes: set[asyncio.Task[tuple[asyncio.BaseTransport, EchoProtocol]]] = set()
         self._stop_requested: asyncio.Event | None = None
         self._all_closed: asyncio.Event | None = None
         self._pending_stop: bool | None = None  # force flag of a stop() that came before serve()
@@ -71,26 +76,51 @@ class AsyncioEngine:
         loop = self._uvloop.new_event_loop() if self._uvloop else asyncio.new_event_loop()
         self._loop = loop
         loop.set_exception_handler(self._loop_exception)
-        listeners = net.open_listeners(
-            self.config.host,
-            self.config.port,
-            self.config.backlog,
-            reuse_port=self.config.reuse_port,
-        )
         try:
-            for sock in listeners:
-                server = loop.run_until_complete(
-                    loop.create_server(
-                        lambda: EchoProtocol(self), sock=sock, backlog=self.config.backlog
-                    )
-                )
-                self._servers.append(server)
+            self._listeners = net.open_listeners(
+                self.config.host,
+                self.config.port,
+                self.config.backlog,
+                reuse_port=self.config.reuse_port,
+            )
         except BaseException:
-            for sock in listeners:
-                sock.close()
             loop.close()
             raise
-        return [sock.getsockname()[:2] for sock in listeners]
+        for sock in self._listeners:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        return [sock.getsockname()[:2] for sock in self._listeners]
+
+    def _accept(self, listener: socket.socket) -> None:
+        # Our own accept loop rather than loop.create_server(): both loops then treat running
+        # out of descriptors alike (uvloop would accept and drop such clients silently).
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RETRY_ERRNOS:
+                    raise
+                self.log.accept_failed(
+                    "cannot accept a connection: %s; retrying", exc.strerror or str(exc)
+                )
+                loop.remove_reader(listener.fileno())
+                self._retries.append(
+                    loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting, listener)
+                )
+                return
+            sock.setblocking(False)
+            task = loop.create_task(loop.connect_accepted_socket(self._new_protocol, sock))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if not self.stopping:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+
+    def _new_protocol(self) -> EchoProtocol:
+        return EchoProtocol(self)
 
     def stop(self, *, force: bool = False) -> None:
         loop = self._loop
@@ -116,8 +146,14 @@ class AsyncioEngine:
         if self._pending_stop is not None:
             self._request_stop(self._pending_stop)
         await self._stop_requested.wait()
-        for server in self._servers:
-            server.close()
+        loop = asyncio.get_running_loop()
+        for handle in self._retries:
+            handle.cancel()
+        for sock in self._listeners:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        if self._handshakes:
+            await asyncio.wait(self._handshakes)
         self._drain_started()
         try:
             await asyncio.wait_for(self._all_closed.wait(), self.config.drain_timeout)
@@ -130,8 +166,7 @@ class AsyncioEngine:
             )
         for protocol in list(self.connections):
             protocol.abort()
-        for server in self._servers:
-            await server.wait_closed()
+        await asyncio.sleep(0)  # let the aborted transports call connection_lost
 
     def _request_stop(self, force: bool) -> None:
         if self._stop_requested is None:  # stop() before serve(): remember it
@@ -153,12 +188,8 @@ class AsyncioEngine:
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and "accept" in str(context.get("message", "")):
-            # asyncio and uvloop pause accepting on EMFILE and the like, then retry by themselves.
-            self.log.accept_failed("cannot accept a connection: %s; retrying", exc.strerror or exc)
-            return
-        logging.getLogger("tcpecho.server").error(
-            "%s", context.get("message", "unexpected error"), exc_info=exc
+        self.log.logger.error(
+            "%s", context.get("message", "unexpected error"), exc_info=exc, extra={"tag": "ERROR"}
         )
 
 
@@ -177,8 +208,8 @@ class EchoProtocol(asyncio.Protocol):
         self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but offer the same methods.
+        self.transport = transport = cast(asyncio.Transport, transport)
         engine = self.engine
         self.peer = net.format_address(transport.get_extra_info("peername") or ("?", 0))
         if engine.stopping or len(engine.connections) >= engine.config.max_connections:

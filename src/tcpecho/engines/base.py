@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -25,8 +26,13 @@ LINGER_TIMEOUT = 2.0
 # Repeated warnings (server busy, out of descriptors) are logged at most once per this many
 # seconds, so a flood cannot flood the log.
 WARNING_INTERVAL = 1.0
-# How long the accept loop pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM before it tries again.
+# Accept errors that mean "out of resources for now": pause, retry, never stop serving.
+ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# How long the accept loop pauses after one of those before it tries again.
 ACCEPT_RETRY_DELAY = 0.1
+# Connections the asyncio engine accepts per readiness event, so a burst cannot starve the
+# connections already open.
+ACCEPT_BATCH = 128
 
 
 @dataclass

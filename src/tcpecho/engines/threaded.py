@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import selectors
 import socket
 import struct
@@ -14,6 +13,7 @@ from tcpecho import net
 from tcpecho.config import ServerConfig
 from tcpecho.engines.base import (
     ACCEPT_RETRY_DELAY,
+    ACCEPT_RETRY_ERRNOS,
     LINGER_TIMEOUT,
     RECV_SIZE,
     ConnectionLog,
@@ -23,9 +23,6 @@ from tcpecho.engines.base import (
 )
 from tcpecho.net import Address
 from tcpecho.protocol import BUSY_REPLY, EchoConnection, State
-
-# Accept errors that mean "out of resources for now": pause and retry, never stop serving.
-_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class ThreadedEngine:
@@ -95,7 +92,7 @@ class ThreadedEngine:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
-            if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+            if exc.errno not in ACCEPT_RETRY_ERRNOS:
                 raise
             self.log.accept_failed(
                 "cannot accept a connection: %s; retrying", exc.strerror or str(exc)
