@@ -96,10 +96,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--host", default=DEFAULT_HOST, help="address or name (default: %(default)s)"
     )
     where.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="0 lets the OS pick (default: %(default)s)"
+        "--port",
+        metavar="PORT",
+        type=int,
+        default=DEFAULT_PORT,
+        help="0 lets the OS pick (default: %(default)s)",
     )
     where.add_argument(
-        "--backlog", type=int, default=DEFAULT_BACKLOG, help="listen queue (default: %(default)s)"
+        "--backlog",
+        metavar="N",
+        type=int,
+        default=DEFAULT_BACKLOG,
+        help="listen queue (default: %(default)s)",
     )
     how = parser.add_argument_group("how to serve")
     how.add_argument(
@@ -117,7 +125,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     how.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the port (default: %(default)s)"
+        "--workers",
+        metavar="N",
+        type=int,
+        default=1,
+        help="processes sharing the port (default: %(default)s)",
     )
     protocol = parser.add_argument_group("what to reply")
     protocol.add_argument(
@@ -135,11 +147,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     protocol.add_argument(
         "--confirm-prefix",
+        metavar="TEXT",
         default=DEFAULT_CONFIRM_PREFIX,
         help="what a confirmation starts with (default: %(default)r)",
     )
     protocol.add_argument(
         "--max-line-length",
+        metavar="BYTES",
         type=int,
         default=MAX_LINE_LENGTH,
         help="longest line in line framing, in bytes (default: %(default)s)",
@@ -147,12 +161,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--max-connections",
+        metavar="N",
         type=int,
         default=DEFAULT_MAX_CONNECTIONS,
         help="clients served at once; more get 'ERROR server busy' (default: %(default)s)",
     )
     limits.add_argument(
         "--write-timeout",
+        metavar="SECONDS",
         type=float,
         default=DEFAULT_WRITE_TIMEOUT,
         help="seconds a client may leave replies unread before it is cut off "
@@ -160,6 +176,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     limits.add_argument(
         "--drain-timeout",
+        metavar="SECONDS",
         type=float,
         default=DEFAULT_DRAIN_TIMEOUT,
         help="seconds a stopping server lets connections finish (default: %(default)s)",
@@ -183,10 +200,15 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--host", default=client.DEFAULT_HOST, help="server address (default: %(default)s)"
     )
     parser.add_argument(
-        "--port", type=int, default=client.DEFAULT_PORT, help="server port (default: %(default)s)"
+        "--port",
+        metavar="PORT",
+        type=int,
+        default=client.DEFAULT_PORT,
+        help="server port (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
+        metavar="SECONDS",
         type=float,
         default=client.DEFAULT_TIMEOUT,
         help="seconds to wait to connect and for each reply (default: %(default)s)",
