@@ -6,7 +6,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from tcpecho import __version__, client, log, supervisor
+from tcpecho import __version__, bench, client, log, supervisor
+from tcpecho.bench import report as bench_report
+from tcpecho.bench.loadgen import BenchOptions
+from tcpecho.bench.payload import MIN_SIZE
 from tcpecho.config import (
     DEFAULT_BACKLOG,
     DEFAULT_DRAIN_TIMEOUT,
@@ -26,6 +29,7 @@ from tcpecho.errors import (
     AddressInUse,
     AddressNotAvailable,
     BindPermissionDenied,
+    ConfigError,
     ConnectionRefused,
     HostNotFound,
     TcpEchoError,
@@ -34,6 +38,7 @@ from tcpecho.protocol import DEFAULT_CONFIRM_PREFIX, MAX_LINE_LENGTH
 
 # Exit codes (also in docs/operations.md); errors.py sets each error's code.
 EXIT_OK = 0
+EXIT_BENCH_FAILED = 1  # tcpecho bench: a mismatch or a failed connection
 EXIT_INTERRUPTED = 130
 
 _HINTS: dict[type[TcpEchoError], str] = {
@@ -86,7 +91,85 @@ def build_parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
         )
     )
+    add_bench_arguments(
+        commands.add_parser(
+            "bench",
+            help="measure an echo server, checking every byte",
+            description="Open connections to an echo server, keep messages in flight, and "
+            "check every echoed byte. Reports round trips/s, MB/s and latency percentiles; "
+            "exits 1 if any byte did not match or any connection failed.",
+            allow_abbrev=False,
+        )
+    )
     return parser
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(run=run_bench)
+    parser.add_argument("target", metavar="HOST:PORT", help="the echo server to measure")
+    parser.add_argument(
+        "-c", "--connections", type=int, default=50, metavar="N", help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "-s",
+        "--size",
+        type=int,
+        default=64,
+        metavar="BYTES",
+        help=f"message size, at least {MIN_SIZE} (default: %(default)s)",
+    )
+    ending = parser.add_mutually_exclusive_group()
+    ending.add_argument(
+        "-d",
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="measure for this long, after the warm-up (default: 10)",
+    )
+    ending.add_argument(
+        "-n", "--requests", type=int, metavar="N", help="measure this many round trips in all"
+    )
+    parser.add_argument(
+        "-p",
+        "--pipeline",
+        type=int,
+        default=1,
+        metavar="D",
+        help="messages each connection keeps in flight (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="run, check, but do not count, for this long first (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="PER_SECOND",
+        help="open loop: send this many messages per second in all, evenly spaced, and "
+        "measure latency from when each was due (no coordinated omission)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on a connect, or on a server that sends nothing back (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="P",
+        help="spread the connections over P processes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of the payload pattern (default: %(default)s)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object (schema: docs)")
+    parser.add_argument("--hist-file", metavar="PATH", help="write the HdrHistogram log here")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +320,36 @@ def run_serve(args: argparse.Namespace) -> int:
     log.configure(config.log_level, config.log_format)
     supervisor.serve(config)
     return EXIT_OK
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    host, _, port = args.target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("target", args.target, "give it as HOST:PORT")
+    options = BenchOptions(
+        host=host.strip("[]"),
+        port=int(port),
+        connections=args.connections,
+        size=args.size,
+        duration=None if args.requests else (args.duration or 10.0),
+        requests=args.requests,
+        pipeline=args.pipeline,
+        warmup=args.warmup,
+        rate=args.rate,
+        timeout=args.timeout,
+        processes=args.processes,
+        seed=args.seed,
+    )
+    report = bench.run(
+        options,
+        hist_file=args.hist_file,
+        progress=None if args.json else bench.progress_stream(),
+    )
+    if args.json:
+        bench_report.write_json(report, sys.stdout)
+    else:
+        bench_report.write_text(report, sys.stdout)
+    return EXIT_OK if report["ok"] else EXIT_BENCH_FAILED
 
 
 def run_client(args: argparse.Namespace) -> int:

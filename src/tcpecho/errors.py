@@ -79,3 +79,21 @@ class ConnectFailed(TcpEchoError):
 
 class ConnectionRefused(ConnectFailed):
     pass
+
+
+class MissingExtra(TcpEchoError):
+    """``feature`` needs the package ``package``, from the extra ``extra``."""
+
+    exit_code = 8
+
+    def __init__(self, feature: str, package: str, extra: str) -> None:
+        super().__init__(feature, package, extra)
+        self.feature = feature
+        self.package = package
+        self.extra = extra
+
+    def __str__(self) -> str:
+        return (
+            f"{self.feature} needs {self.package}, which is not installed: "
+            f"pip install 'tcpecho[{self.extra}]'"
+        )

@@ -1,0 +1,366 @@
+"""One process's share of a benchmark: asyncio connections that send, read back and compare."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import math
+import socket
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from tcpecho.bench.payload import MIN_SIZE, Payloads, classify
+from tcpecho.errors import ConfigError
+
+# Latencies are recorded in microseconds, from 1 µs to an hour, to 3 significant figures.
+HIST_LOWEST_US = 1
+HIST_HIGHEST_US = 3_600_000_000
+HIST_SIGNIFICANT_FIGURES = 3
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """One benchmark run. ``duration`` or ``requests`` ends it; ``rate`` makes it open-loop."""
+
+    host: str
+    port: int
+    connections: int = 50
+    size: int = 64
+    duration: float | None = 10.0
+    requests: int | None = None
+    pipeline: int = 1
+    warmup: float = 1.0
+    rate: float | None = None
+    timeout: float = 10.0
+    processes: int = 1
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.connections >= 1, "--connections", self.connections, "must be at least 1"),
+            (self.size >= MIN_SIZE, "--size", self.size, f"must be at least {MIN_SIZE}"),
+            (self.pipeline >= 1, "--pipeline", self.pipeline, "must be at least 1"),
+            (self.warmup >= 0, "--warmup", self.warmup, "must be at least 0"),
+            (self.timeout > 0, "--timeout", self.timeout, "must be more than 0"),
+            (
+                1 <= self.processes <= self.connections,
+                "--processes",
+                self.processes,
+                "must be from 1 to --connections",
+            ),
+            (self.rate is None or self.rate > 0, "--rate", self.rate, "must be more than 0"),
+            (
+                self.duration is None or self.duration > 0,
+                "--duration",
+                self.duration,
+                "must be more than 0",
+            ),
+            (
+                self.requests is None or self.requests >= 1,
+                "--requests",
+                self.requests,
+                "must be at least 1",
+            ),
+        ]
+        for ok, option, value, reason in checks:
+            if not ok:
+                raise ConfigError(option, value, reason)
+
+
+@dataclass
+class ShareResult:
+    """What one process measured. ``latencies_us`` counts each latency value seen."""
+
+    round_trips: int = 0
+    bytes_echoed: int = 0
+    window: float = 0.0
+    latencies_us: Counter[int] = field(default_factory=Counter)
+    connect_us: list[float] = field(default_factory=list)
+    mismatches: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    bytes_verified: int = 0  # every echoed byte compared, warm-up and drain included
+
+
+@dataclass
+class _Clock:
+    """The measurement window: round trips count only between ``start`` and ``end``."""
+
+    start: float = math.inf
+    end: float = math.inf
+    stop_sending: bool = False
+
+
+class _Connection(asyncio.Protocol):
+    """Keeps up to ``pipeline`` messages in flight and checks every echoed byte in order."""
+
+    def __init__(
+        self,
+        number: int,
+        options: BenchOptions,
+        payloads: Payloads,
+        clock: _Clock,
+        result: ShareResult,
+        quota: int | None,
+    ) -> None:
+        self.number = number
+        self.options = options
+        self.payloads = payloads
+        self.clock = clock
+        self.result = result
+        self.quota = quota  # measured round trips this connection still owes, or None
+        self.size = options.size
+        self.sequence = 0
+        self.expected = bytearray()
+        self.sent_at: deque[float] = deque()  # send (or intended send) time of each in flight
+        self.received_in_message = 0
+        self.latencies: list[int] = []
+        self.transport: asyncio.Transport | None = None
+        self.done = asyncio.get_running_loop().create_future()
+        self.interval = options.connections / options.rate if options.rate else 0.0
+        self.next_intended = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.interval:
+            # Spread the connections' first sends evenly over one interval.
+            offset = self.interval * self.number / self.options.connections
+            self.next_intended = time.perf_counter() + offset
+            self._tick()
+        else:
+            self._send(self.options.pipeline, time.perf_counter())
+
+    def _send(self, count: int, now: float, intended: float | None = None) -> None:
+        if count <= 0 or not self._sending() or self.transport is None:
+            return
+        messages = []
+        for _ in range(count):
+            message = self.payloads.message(self.number, self.sequence)
+            self.sequence += 1
+            messages.append(message)
+            self.sent_at.append(now if intended is None else intended)
+            if intended is not None:
+                intended += self.interval
+        data = b"".join(messages)
+        self.expected += data
+        self.transport.write(data)
+
+    def _tick(self) -> None:
+        """Open loop: send every message whose intended time has come, if a slot is free."""
+        self._timer = None
+        now = time.perf_counter()
+        slots = self.options.pipeline - len(self.sent_at)
+        late = now - self.next_intended
+        due = int(late / self.interval) + 1 if late >= 0 else 0
+        count = min(slots, due)
+        if count > 0:
+            self._send(count, now, intended=self.next_intended)
+            self.next_intended += count * self.interval
+        if len(self.sent_at) < self.options.pipeline and self._sending():
+            delay = max(0.0, self.next_intended - now)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        size = len(data)
+        expected = self.expected
+        if data != expected[:size]:
+            self._mismatch(data)
+            return
+        del expected[:size]
+        self.result.bytes_verified += size
+        self.received_in_message += size
+        if self.received_in_message < self.size:
+            return
+        now = time.perf_counter()
+        completed, self.received_in_message = divmod(self.received_in_message, self.size)
+        clock = self.clock
+        measuring = clock.start <= now <= clock.end
+        for _ in range(completed):
+            sent = self.sent_at.popleft()
+            if measuring and sent >= clock.start:
+                self.latencies.append(int((now - sent) * 1_000_000))
+                if self.quota is not None:
+                    self.quota -= 1
+        if self._sending():
+            if not self.interval:
+                self._send(completed, now)
+            elif self._timer is None:
+                self._tick()
+        elif not self.sent_at:
+            self._finish()
+
+    def _sending(self) -> bool:
+        return not self.clock.stop_sending and (self.quota is None or self.quota > 0)
+
+    def _mismatch(self, data: bytes) -> None:
+        """Count what kind of wrong echo ``data`` holds, then drop the connection: once one
+        byte is wrong the rest of its stream cannot be trusted."""
+        expected = self.expected
+        index = next(
+            (i for i in range(len(data)) if i >= len(expected) or data[i] != expected[i]),
+            len(data),
+        )
+        if index >= len(expected):
+            kind: str = "duplication"  # more came back than was sent
+        else:
+            position = self.received_in_message + index
+            offset = position % self.size
+            due = self.sequence - len(self.sent_at) + position // self.size
+            start = index - offset
+            if start >= 0:
+                received = data[start : start + self.size]
+            else:  # the message began in an earlier read, which matched what was sent
+                sent = self.payloads.message(self.number, due)
+                received = sent[:-start] + data[: self.size + start]
+            kind = classify(received, self.number, due)
+        self.result.mismatches[kind] += 1
+        self._finish(abort=True)
+
+    def eof_received(self) -> bool:
+        if self.sent_at:
+            self.result.mismatches["truncation"] += 1
+        self._finish()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.done.done():
+            self.result.errors[_error_kind(exc)] += 1
+        self._finish()
+
+    def _finish(self, abort: bool = False) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def close_if_idle(self) -> None:
+        if not self.sent_at:
+            self._finish()
+
+    def abort(self) -> None:
+        self._finish(abort=True)
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connect refused"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (so the load generator is not the bottleneck), else asyncio's."""
+    try:
+        uvloop: Any = importlib.import_module("uvloop")
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+async def run_share(
+    options: BenchOptions, first: int, count: int, progress: Any = None
+) -> ShareResult:
+    """Run connections ``first`` … ``first + count - 1`` of the benchmark in this process.
+
+    ``progress``, when given, is a shared integer (multiprocessing.Value) kept at the number of
+    measured round trips so far.
+    """
+    loop = asyncio.get_running_loop()
+    result = ShareResult()
+    payloads = Payloads(options.size, options.seed)
+    clock = _Clock()
+    quotas = _quotas(options, first, count)
+    connections: list[_Connection] = []
+
+    async def open_one(number: int, quota: int | None) -> None:
+        started = time.perf_counter()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(number, options, payloads, clock, result, quota),
+                    options.host,
+                    options.port,
+                ),
+                options.timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            result.errors[_error_kind(exc)] += 1
+            return
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        result.connect_us.append((time.perf_counter() - started) * 1_000_000)
+        connections.append(protocol)
+
+    await asyncio.gather(*(open_one(first + i, quotas[i]) for i in range(count)))
+    clock.start = time.perf_counter() + options.warmup
+    if options.duration is not None:
+        clock.end = clock.start + options.duration
+
+    async def flush_latencies() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            _collect(connections, result)
+            if progress is not None:
+                progress.value = result.latencies_us.total()
+
+    flusher = loop.create_task(flush_latencies())
+    pending = {c.done for c in connections}
+    verified, progressed = -1, time.perf_counter()
+    while pending:
+        now = time.perf_counter()
+        if result.bytes_verified != verified:
+            verified, progressed = result.bytes_verified, now
+        elif now - progressed >= options.timeout:  # nothing came back for a whole timeout
+            for connection in connections:
+                if not connection.done.done():
+                    result.errors["timeout"] += 1
+                    connection.abort()
+            break
+        if not clock.stop_sending and now >= clock.end:
+            clock.stop_sending = True  # the window closed: collect what is in flight, then stop
+            for connection in connections:
+                connection.close_if_idle()
+        wait = progressed + options.timeout - now
+        if not clock.stop_sending:
+            wait = min(wait, clock.end - now)
+        _, pending = await asyncio.wait(pending, timeout=max(wait, 0.001))
+    flusher.cancel()
+    finished = min(time.perf_counter(), clock.end)
+    _collect(connections, result)
+    result.round_trips = result.latencies_us.total()
+    result.bytes_echoed = result.round_trips * options.size
+    result.window = max(finished - clock.start, 1e-9)
+    return result
+
+
+def _collect(connections: list[_Connection], result: ShareResult) -> None:
+    for connection in connections:
+        if connection.latencies:
+            result.latencies_us.update(connection.latencies)
+            connection.latencies = []
+
+
+def _quotas(options: BenchOptions, first: int, count: int) -> list[int | None]:
+    if options.requests is None:
+        return [None] * count
+    base, extra = divmod(options.requests, options.connections)
+    return [base + (1 if first + i < extra else 0) for i in range(count)]
