@@ -109,7 +109,7 @@ class _Connection(asyncio.Protocol):
         self.payloads = payloads
         self.clock = clock
         self.result = result
-        self.quota = quota  # measured round trips this connection still owes, or None
+        self.to_send = quota  # measured messages this connection has still to send, or None
         self.size = options.size
         self.sequence = 0
         self.expected = bytearray()
@@ -126,6 +126,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def begin(self) -> None:
+        """Start sending: called for every connection once all are open."""
         if self.interval:
             # Spread the connections' first sends evenly over one interval.
             offset = self.interval * self.number / self.options.connections
@@ -135,7 +138,12 @@ class _Connection(asyncio.Protocol):
             self._send(self.options.pipeline, time.perf_counter())
 
     def _send(self, count: int, now: float, intended: float | None = None) -> None:
-        if count <= 0 or not self._sending() or self.transport is None:
+        if not self._sending() or self.transport is None:
+            return
+        if self.to_send is not None and now >= self.clock.start:
+            count = min(count, self.to_send)  # warm-up messages do not count against --requests
+            self.to_send -= count
+        if count <= 0:
             return
         messages = []
         for _ in range(count):
@@ -185,8 +193,6 @@ class _Connection(asyncio.Protocol):
             sent = self.sent_at.popleft()
             if measuring and sent >= clock.start:
                 self.latencies.append(int((now - sent) * 1_000_000))
-                if self.quota is not None:
-                    self.quota -= 1
         if self._sending():
             if not self.interval:
                 self._send(completed, now)
@@ -196,7 +202,7 @@ class _Connection(asyncio.Protocol):
             self._finish()
 
     def _sending(self) -> bool:
-        return not self.clock.stop_sending and (self.quota is None or self.quota > 0)
+        return not self.clock.stop_sending and (self.to_send is None or self.to_send > 0)
 
     def _mismatch(self, data: bytes) -> None:
         """Count what kind of wrong echo ``data`` holds, then drop the connection: once one
@@ -218,7 +224,13 @@ class _Connection(asyncio.Protocol):
             else:  # the message began in an earlier read, which matched what was sent
                 sent = self.payloads.message(self.number, due)
                 received = sent[:-start] + data[: self.size + start]
-            kind = classify(received, self.number, due)
+            kind = classify(
+                received,
+                self.number,
+                due,
+                connections=self.options.connections,
+                sent=self.sequence,
+            )
         self.result.mismatches[kind] += 1
         self._finish(abort=True)
 
@@ -314,6 +326,8 @@ async def run_share(
     clock.start = time.perf_counter() + options.warmup
     if options.duration is not None:
         clock.end = clock.start + options.duration
+    for connection in connections:
+        connection.begin()
 
     async def flush_latencies() -> None:
         while True:

@@ -34,15 +34,18 @@ class Payloads:
         return HEADER.pack(connection, sequence) + body
 
 
-def classify(received: bytes, connection: int, sequence: int) -> Mismatch:
+def classify(
+    received: bytes, connection: int, sequence: int, *, connections: int, sent: int
+) -> Mismatch:
     """What went wrong, given the ``received`` message where message ``sequence`` of
-    ``connection`` was due (``received`` may be cut short: then its header may not be whole)."""
+    ``connection`` was due, out of ``connections`` in the run, ``sent`` messages sent on this
+    one. A header that names no message of the run is corruption (so is a cut-short one)."""
     if len(received) >= HEADER.size:
         got_connection, got_sequence = HEADER.unpack_from(received)
         if got_connection != connection:
-            return "cross-connection"
+            return "cross-connection" if got_connection < connections else "corruption"
         if got_sequence < sequence:
             return "duplication"
-        if got_sequence > sequence:
+        if sequence < got_sequence < sent:
             return "reordering"
     return "corruption"

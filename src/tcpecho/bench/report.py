@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from tcpecho.bench.loadgen import (
@@ -127,7 +128,9 @@ def write_hist_log(path: str, hist: Any, start: float, end: float) -> None:
         writer = HistogramLogWriter(out)
         writer.output_comment("tcpecho bench round-trip latency, microseconds")
         writer.output_log_format_version()
-        writer.output_start_time(start * 1000)
+        # hdrh's own output_start_time is broken (it mixes seconds and milliseconds).
+        stamp = datetime.fromtimestamp(start, UTC).isoformat(" ")
+        out.write(f"#[StartTime: {start:.3f} (seconds since epoch), {stamp}]\n")
         writer.output_legend()
         writer.output_interval_histogram(hist, 0, end - start)
 
