@@ -21,9 +21,12 @@ MAX_LOGGED_BYTES = 200
 # Control characters (C0, DEL, C1), and Unicode characters that move or reorder text on a
 # terminal (line/paragraph separators, bidi controls), shown as escapes. Backslash is doubled
 # so that a client typing "\x1b" is told apart from a real ESC.
-_ESCAPES: dict[int, str] = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+# C1 controls show as \u0085 and the like, so that they differ from an invalid byte \x85.
+_ESCAPES: dict[int, str] = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]}
+_ESCAPES.update({code: f"\\u{code:04x}" for code in range(0x80, 0xA0)})
 _ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", ord("\\"): "\\\\"})
-_MOVERS = [0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_MOVERS = [0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F)]
+_MOVERS += range(0x2066, 0x206A)
 _ESCAPES.update({code: f"\\u{code:04x}" for code in _MOVERS})
 
 

@@ -62,26 +62,34 @@ class EchoConnection:
         """Take bytes from the peer (``b""``: it finished sending); return the bytes to send."""
         if self.state is not State.OPEN:
             self.frames = []
+            self.bytes_received += len(data)
             self.bytes_discarded += len(data)
             return b""
+        lines = self._lines
         if not data:
             self.state = State.DONE
-            rest = self._lines.flush() if self._lines is not None else b""
+            try:
+                rest = lines.flush() if lines is not None else b""
+            except LineTooLong as exc:
+                return self._reject(exc)
             self.frames = [rest] if rest else []
             return self._reply(rest) if rest else b""
         self.bytes_received += len(data)
-        if self._lines is None:
+        if lines is None:
             self.frames = [data]
             return self._reply(data)
         try:
-            self.frames = self._lines.feed(data)
+            self.frames = lines.feed(data)
         except LineTooLong as exc:
-            self.state = State.REJECTED
-            self.error = exc
-            self.bytes_discarded += exc.discarded
-            self.frames = exc.lines
-            return self._replies(exc.lines) + line_too_long_reply(exc.max_length)
+            return self._reject(exc)
         return self._replies(self.frames)
+
+    def _reject(self, exc: LineTooLong) -> bytes:
+        self.state = State.REJECTED
+        self.error = exc
+        self.bytes_discarded += exc.discarded
+        self.frames = exc.lines
+        return self._replies(exc.lines) + line_too_long_reply(exc.max_length)
 
     def _replies(self, frames: list[bytes]) -> bytes:
         reply = self._reply

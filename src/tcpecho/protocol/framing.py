@@ -56,9 +56,15 @@ class LineSplitter:
         return lines
 
     def flush(self) -> bytes:
-        """Return and forget the unterminated tail (at the end of the stream)."""
+        """Return and forget the unterminated tail (at the end of the stream).
+
+        Raises `LineTooLong` if the tail is longer than ``max_length``: at the end of the
+        stream a final ``\r`` can no longer become part of a ``\r\n``.
+        """
         rest = bytes(self._pending)
         self._pending.clear()
+        if len(rest) > self.max_length:
+            raise LineTooLong(self.max_length, [], len(rest))
         return rest
 
     def _check_pending(self, lines: list[bytes]) -> None:

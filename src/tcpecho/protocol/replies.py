@@ -27,8 +27,17 @@ def make_reply(mode: ReplyMode, framing: Framing, confirm_prefix: bytes) -> Repl
     if mode == "echo":
         return _echo
     if framing == "line":
-        return lambda line: confirm_prefix + line.rstrip(b"\r\n") + b"\n"
+        return lambda line: confirm_prefix + strip_terminator(line) + b"\n"
     return lambda data: confirm_prefix + data
+
+
+def strip_terminator(line: bytes) -> bytes:
+    """``line`` without its one ``\n`` or ``\r\n`` (other ``\r`` are content)."""
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    if line.endswith(b"\n"):
+        return line[:-1]
+    return line
 
 
 def line_too_long_reply(max_length: int) -> bytes:
