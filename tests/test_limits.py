@@ -30,6 +30,15 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an exited one nobody reaped yet is a zombie: no)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -144,3 +153,17 @@ def test_supervisor_banner_is_printed_once() -> None:
         assert server.proc.stdout is not None
         rest = server.proc.stdout.read()
     assert "SERVER STARTING" not in rest
+
+
+def test_workers_do_not_outlive_a_killed_supervisor() -> None:
+    """SIGKILL to the supervisor: its workers stop too, and nobody is left on the port."""
+    with ServerProcess("--host", "127.0.0.1", "--port", "0", "--workers", "2") as server:
+        port = server.wait_listening()
+        pids = [int(re.findall(r"pid (\d+)", server.wait_for("started"))[0]) for _ in range(2)]
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        assert server.proc.stdout is not None
+        server.proc.stdout.read()  # end of file once every worker has exited
+    assert not [pid for pid in pids if running(pid)]
+    with pytest.raises(ConnectionRefusedError):
+        connect(("127.0.0.1", port)).close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -22,6 +23,7 @@ logger = logging.getLogger("tcpecho.server")
 # A worker that dies is restarted after this pause, so a worker that cannot start at all does
 # not make the supervisor spin.
 WORKER_RESTART_DELAY = 0.5
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 def serve(config: ServerConfig) -> Summary:
@@ -164,6 +166,7 @@ def _fork_worker(config: ServerConfig) -> int:
         # a worker ignores SIGINT and heeds only the SIGTERM the supervisor forwards.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _die_with_parent()
         engine = create_engine(config)
         engine.start()
         with stop_on_signals(engine.stop):
@@ -176,6 +179,18 @@ def _fork_worker(config: ServerConfig) -> int:
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this worker SIGTERM when the supervisor dies, even by SIGKILL, so no
+    worker is left serving the port on its own. Elsewhere, or without libc, do nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _describe_status(status: int) -> str:
