@@ -118,7 +118,7 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced() -> None:
         port = server.wait_listening()
         pids = {}
         for _ in range(2):
-            match = re.search(r"worker (\d) started \(pid (\d+)\)", server.wait_for("started"))
+            match = re.search(r"worker (\d) \(pid (\d+)\) listening", server.wait_for("listening"))
             assert match
             pids[int(match[1])] = int(match[2])
         seen: set[str] = set()
@@ -132,6 +132,7 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced() -> None:
         assert seen == {"worker 1)\n", "worker 2)\n"}
         os.kill(pids[1], signal.SIGKILL)
         assert "restarting" in server.wait_for("was killed by SIGKILL")
+        assert "worker 1 (pid" in server.wait_for("listening")  # its replacement
         for _ in range(20):
             with connect(("127.0.0.1", port)) as sock:
                 sock.sendall(b"after\n")
@@ -147,7 +148,8 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced() -> None:
 def test_supervisor_banner_is_printed_once() -> None:
     with ServerProcess("--host", "127.0.0.1", "--port", "0", "--workers", "2") as server:
         server.wait_listening()
-        server.wait_for("worker 2 started")
+        server.wait_for("listening")
+        server.wait_for("listening")
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=20) == 0
         assert server.proc.stdout is not None
@@ -159,7 +161,7 @@ def test_workers_do_not_outlive_a_killed_supervisor() -> None:
     """SIGKILL to the supervisor: its workers stop too, and nobody is left on the port."""
     with ServerProcess("--host", "127.0.0.1", "--port", "0", "--workers", "2") as server:
         port = server.wait_listening()
-        pids = [int(re.findall(r"pid (\d+)", server.wait_for("started"))[0]) for _ in range(2)]
+        pids = [int(re.findall(r"pid (\d+)", server.wait_for("listening"))[0]) for _ in range(2)]
         server.proc.kill()
         server.proc.wait(timeout=10)
         assert server.proc.stdout is not None

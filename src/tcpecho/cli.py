@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A TCP echo server and client: every byte a client sends comes back.",
         allow_abbrev=False,
     )
-    parser.add_argument("-V", "--version", action="version", version=f"tcpecho {__version__}")
+    add_version(parser)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     add_serve_arguments(
         commands.add_parser(
@@ -104,7 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_version(parser: argparse.ArgumentParser) -> None:
+    # On every subcommand too, so that `python3 tcp_server.py --version` works.
+    parser.add_argument("-V", "--version", action="version", version=f"tcpecho {__version__}")
+
+
+def check_port(port: int) -> int:
+    """``port`` when it is a TCP port a client can reach; else `ConfigError`. (The OS would
+    quietly take 70000 as 70000 - 65536.)"""
+    if not 1 <= port <= 65535:
+        raise ConfigError("--port", port, "must be 1 to 65535")
+    return port
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    add_version(parser)
     parser.set_defaults(run=run_bench)
     parser.add_argument("target", metavar="HOST:PORT", help="the echo server to measure")
     parser.add_argument(
@@ -173,6 +187,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_version(parser)
     parser.set_defaults(run=run_serve)
     where = parser.add_argument_group("where to listen")
     where.add_argument(
@@ -278,6 +293,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    add_version(parser)
     parser.set_defaults(run=run_client)
     parser.add_argument(
         "--host", default=client.DEFAULT_HOST, help="server address (default: %(default)s)"
@@ -328,7 +344,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError("target", args.target, "give it as HOST:PORT")
     options = BenchOptions(
         host=host.strip("[]"),
-        port=int(port),
+        port=check_port(int(port)),
         connections=args.connections,
         size=args.size,
         duration=None if args.requests else (args.duration or 10.0),
@@ -353,6 +369,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_client(args: argparse.Namespace) -> int:
+    check_port(args.port)
     echo_client = client.EchoClient(args.host, args.port, args.timeout)
     try:
         echo_client.connect()

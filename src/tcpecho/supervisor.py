@@ -151,13 +151,6 @@ def _fork_worker(config: ServerConfig) -> int:
     """Start one worker process; return its pid. The child never returns from here."""
     pid = os.fork()
     if pid:
-        logger.info(
-            "worker %d started (pid %d), engine %s",
-            config.worker,
-            pid,
-            config.engine,
-            extra={"tag": "WORKER", "fields": {"worker": config.worker, "pid": pid}},
-        )
         return pid
     code = 1
     try:
@@ -169,6 +162,13 @@ def _fork_worker(config: ServerConfig) -> int:
         _die_with_parent()
         engine = create_engine(config)
         engine.start()
+        logger.info(
+            "worker %d (pid %d) listening, %s",
+            config.worker,
+            os.getpid(),
+            engine.description,
+            extra={"tag": "WORKER", "fields": {"worker": config.worker, "pid": os.getpid()}},
+        )
         with stop_on_signals(engine.stop):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             summary = engine.serve()
