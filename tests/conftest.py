@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tcpecho.config import ServerConfig
 from tcpecho.testing import RunningServer, running_server
+
+# Property tests run beside servers under load: a slow example is not a failure.
+settings.register_profile("tcpecho", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tcpecho")
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

@@ -28,13 +28,20 @@ Fault = Callable[[int, int, bytes], bytes]
 
 
 @contextmanager
-def faulty_server(fault: Fault, size: int = SIZE) -> Iterator[tuple[str, int]]:
-    """A thread-per-connection server that reads whole messages and sends back fault(...)."""
+def faulty_server(
+    fault: Fault, size: int = SIZE, split_at: int | None = None
+) -> Iterator[tuple[str, int]]:
+    """A thread-per-connection server that reads whole messages and sends back fault(...).
+
+    ``split_at``: send each reply in two writes, cut there, 50 ms apart (so they arrive in two
+    reads at the client).
+    """
     listener = socket.create_server(("127.0.0.1", 0))
     threads: list[threading.Thread] = []
     connections: list[socket.socket] = []
 
     def handle(index: int, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             number = 0
             while message := recv_exactly(conn, size):
@@ -45,6 +52,10 @@ def faulty_server(fault: Fault, size: int = SIZE) -> Iterator[tuple[str, int]]:
                 if reply is _CLOSE:
                     return
                 try:
+                    if split_at is not None and len(reply) > split_at:
+                        conn.sendall(reply[:split_at])
+                        time.sleep(0.05)  # the fault: a reply cut in two, in time
+                        reply = reply[split_at:]
                     conn.sendall(reply)
                 except OSError:
                     return
@@ -322,3 +333,25 @@ def test_without_the_bench_extra_one_clear_line() -> None:
     assert result.returncode == 8
     assert result.stderr.strip().count("\n") == 0
     assert "pip install 'tcpecho[bench]'" in result.stderr
+
+
+def test_a_reordered_message_is_named_even_when_its_header_is_split_across_reads() -> None:
+    held: dict[int, bytes] = {}
+
+    def swap_and_split(index: int, number: int, message: bytes) -> bytes:
+        if number == 3:
+            held[index] = message
+            return b""
+        if number == 4:
+            return message + held.pop(index)
+        return message
+
+    with faulty_server(swap_and_split, split_at=5) as address:
+        report = bench(address, connections=1, pipeline=2)
+    assert report["mismatches"] == {"reordering": 1}
+
+
+def test_fewer_requests_than_connections_is_not_a_failure(server: RunningServer) -> None:
+    report = bench(server.address, connections=5, requests=3)
+    assert report["ok"] is True
+    assert report["round_trips"] == 3

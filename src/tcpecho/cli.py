@@ -347,7 +347,7 @@ def run_bench(args: argparse.Namespace) -> int:
         port=check_port(int(port)),
         connections=args.connections,
         size=args.size,
-        duration=None if args.requests else (args.duration or 10.0),
+        duration=None if args.requests else (10.0 if args.duration is None else args.duration),
         requests=args.requests,
         pipeline=args.pipeline,
         warmup=args.warmup,

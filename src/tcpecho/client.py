@@ -121,9 +121,9 @@ def run_interactive(client: EchoClient, stdin: TextIO, stdout: TextIO) -> int:
                     print(f"Received from server: {_show(exc.partial)}", file=stdout)
                 if exc.closed:
                     print("The server closed the connection.", file=stdout)
-                    return 1
-                print(f"Error: no complete reply within {client.timeout:g}s", file=stdout)
-                continue
+                else:  # a late reply would be taken for the next one's: stop here
+                    print(f"Error: no complete reply within {client.timeout:g}s", file=stdout)
+                return 1
             print(f"Received from server: {_show(reply)}", file=stdout)
     except OSError as exc:
         print(f"An error occurred: {exc.strerror or exc}", file=stdout)
@@ -143,6 +143,9 @@ def run_script(client: EchoClient, stdin: BinaryIO, stdout: BinaryIO) -> int:
         for line in stdin:
             try:
                 reply = client.request(line.rstrip(b"\r\n"))
+            except OSError as exc:
+                print(f"Error: {exc.strerror or exc}", file=sys.stderr)
+                return 1
             except ReplyIncomplete as exc:
                 stdout.write(exc.partial)
                 stdout.flush()

@@ -97,3 +97,20 @@ class MissingExtra(TcpEchoError):
             f"{self.feature} needs {self.package}, which is not installed: "
             f"pip install 'tcpecho[{self.extra}]'"
         )
+
+
+class WorkersFailing(TcpEchoError):
+    """Worker processes kept dying as soon as they started; the supervisor gave up."""
+
+    exit_code = 9
+
+    def __init__(self, deaths: int, within: float) -> None:
+        super().__init__(deaths, within)
+        self.deaths = deaths
+        self.within = within
+
+    def __str__(self) -> str:
+        return (
+            f"{self.deaths} workers in a row died within {self.within:g}s of starting; "
+            "their log lines above say why"
+        )

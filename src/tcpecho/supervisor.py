@@ -16,6 +16,7 @@ from types import FrameType
 from tcpecho import net
 from tcpecho.config import ServerConfig
 from tcpecho.engines import Summary, create_engine
+from tcpecho.errors import TcpEchoError, WorkersFailing
 from tcpecho.net import Address, format_address
 
 logger = logging.getLogger("tcpecho.server")
@@ -23,6 +24,11 @@ logger = logging.getLogger("tcpecho.server")
 # A worker that dies is restarted after this pause, so a worker that cannot start at all does
 # not make the supervisor spin.
 WORKER_RESTART_DELAY = 0.5
+# A worker that dies sooner than this after it started counts as failing at start; after this
+# many such deaths in a row the supervisor gives up rather than restart it forever.
+WORKER_MIN_LIFETIME = 1.0
+MAX_QUICK_DEATHS = 5
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
@@ -104,13 +110,16 @@ def _serve_workers(config: ServerConfig) -> Summary:
 
     This process reserves the port (bound, not listening, so it takes no connections), prints
     the banner once, restarts a worker that dies, and forwards SIGINT/SIGTERM to the workers as
-    SIGTERM: the first makes them drain, the second makes them stop at once.
+    SIGTERM: the first makes them drain, the second makes them stop at once. Raises
+    `WorkersFailing` when workers keep dying as soon as they start.
     """
     reserved = net.open_listeners(config.host, config.port, None, reuse_port=True)
     addresses: list[Address] = [sock.getsockname()[:2] for sock in reserved]
     worker_config = dataclasses.replace(config, port=addresses[0][1], workers=1, reuse_port=True)
-    workers: dict[int, int] = {}  # pid → worker number
+    create_engine(worker_config)  # a bad choice (say, --loop uvloop without uvloop) fails here
+    workers: dict[int, tuple[int, float]] = {}  # pid → (worker number, when it started)
     stopping = False
+    quick_deaths = 0
 
     def forward(force: bool = False) -> None:
         nonlocal stopping
@@ -118,28 +127,43 @@ def _serve_workers(config: ServerConfig) -> Summary:
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
 
+    def spawn(number: int) -> None:
+        # Signals wait until the new worker is in `workers`, so that forward() reaches it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            if not stopping:
+                config = dataclasses.replace(worker_config, worker=number)
+                workers[_fork_worker(config, blocked)] = (number, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
     _log_banner(addresses)
     try:
         with stop_on_signals(forward):
             for number in range(1, config.workers + 1):
-                workers[_fork_worker(dataclasses.replace(worker_config, worker=number))] = number
+                spawn(number)
             while workers:
                 pid, status = os.wait()
-                number = workers.pop(pid)
+                number, started = workers.pop(pid)
                 if stopping:
                     continue
+                lived = time.monotonic() - started
+                quick_deaths = quick_deaths + 1 if lived < WORKER_MIN_LIFETIME else 0
                 logger.warning(
-                    "worker %d (pid %d) %s; restarting it",
+                    "worker %d (pid %d) %s after %.1fs; restarting it",
                     number,
                     pid,
                     _describe_status(status),
+                    lived,
                     extra={"tag": "WORKER", "fields": {"worker": number, "pid": pid}},
                 )
+                if quick_deaths >= MAX_QUICK_DEATHS:
+                    forward()
+                    for pid in list(workers):
+                        os.waitpid(pid, 0)
+                    raise WorkersFailing(quick_deaths, WORKER_MIN_LIFETIME)
                 time.sleep(WORKER_RESTART_DELAY)
-                if not stopping:
-                    workers[_fork_worker(dataclasses.replace(worker_config, worker=number))] = (
-                        number
-                    )
+                spawn(number)
     finally:
         for sock in reserved:
             sock.close()
@@ -147,19 +171,25 @@ def _serve_workers(config: ServerConfig) -> Summary:
     return Summary()
 
 
-def _fork_worker(config: ServerConfig) -> int:
-    """Start one worker process; return its pid. The child never returns from here."""
+def _fork_worker(config: ServerConfig, signal_mask: set[int | signal.Signals]) -> int:
+    """Start one worker process; return its pid. The child never returns from here.
+
+    Called with the stop signals blocked; the child restores ``signal_mask`` once its own
+    handlers are in place.
+    """
+    supervisor = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
-        # The supervisor's handlers came along with the fork; until the engine's own are in
+        # The supervisor's handlers came along with the fork. Until the engine's own are in
         # place a SIGTERM simply ends this worker. Ctrl-C reaches the whole process group, so
         # a worker ignores SIGINT and heeds only the SIGTERM the supervisor forwards.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _die_with_parent()
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+        _die_with_parent(supervisor)
         engine = create_engine(config)
         engine.start()
         logger.info(
@@ -174,6 +204,8 @@ def _fork_worker(config: ServerConfig) -> int:
             summary = engine.serve()
         _log_summary(summary, worker=f"worker {config.worker}: ")
         code = 0
+    except TcpEchoError as exc:
+        logger.error("worker %d: %s", config.worker, exc, extra={"tag": "WORKER"})
     except BaseException:
         logger.exception("worker %d failed", config.worker, extra={"tag": "WORKER"})
     finally:
@@ -181,7 +213,7 @@ def _fork_worker(config: ServerConfig) -> int:
         os._exit(code)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(supervisor: int) -> None:
     """Ask Linux to send this worker SIGTERM when the supervisor dies, even by SIGKILL, so no
     worker is left serving the port on its own. Elsewhere, or without libc, do nothing."""
     try:
@@ -189,7 +221,7 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the supervisor died before the request took effect
+    if os.getppid() != supervisor:  # the supervisor died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

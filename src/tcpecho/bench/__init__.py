@@ -35,14 +35,17 @@ def run(
     started = time.time()
     counters = [multiprocessing.get_context("fork").Value("q", 0) for _ in range(options.processes)]
     stop_progress = threading.Event()
+    shower = threading.Thread(
+        target=_show_progress, args=(counters, stop_progress, progress), daemon=True
+    )
     if progress is not None:
-        threading.Thread(
-            target=_show_progress, args=(counters, stop_progress, progress), daemon=True
-        ).start()
+        shower.start()
     try:
         results = _run_processes(options, counters)
     finally:
         stop_progress.set()
+        if shower.is_alive():
+            shower.join()
     merged = report.merge(results)
     hist = report.histogram(merged.latencies_us)
     if hist_file:

@@ -9,9 +9,9 @@ import socket
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from tcpecho.bench.payload import MIN_SIZE, Payloads, classify
+from tcpecho.bench.payload import HEADER, MIN_SIZE, Payloads, classify
 from tcpecho.errors import ConfigError
 
 # Latencies are recorded in microseconds, from 1 µs to an hour, to 3 significant figures.
@@ -121,15 +121,19 @@ class _Connection(asyncio.Protocol):
         self.interval = options.connections / options.rate if options.rate else 0.0
         self.next_intended = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._suspect: bytearray | None = None  # a wrong message whose header is not whole yet
+        self._suspect_due = 0
 
     # -- sending ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def begin(self) -> None:
         """Start sending: called for every connection once all are open."""
-        if self.interval:
+        if self.to_send == 0:  # fewer --requests than connections: nothing for this one
+            self._finish()
+        elif self.interval:
             # Spread the connections' first sends evenly over one interval.
             offset = self.interval * self.number / self.options.connections
             self.next_intended = time.perf_counter() + offset
@@ -140,19 +144,21 @@ class _Connection(asyncio.Protocol):
     def _send(self, count: int, now: float, intended: float | None = None) -> None:
         if not self._sending() or self.transport is None:
             return
-        if self.to_send is not None and now >= self.clock.start:
-            count = min(count, self.to_send)  # warm-up messages do not count against --requests
-            self.to_send -= count
-        if count <= 0:
-            return
         messages = []
         for _ in range(count):
-            message = self.payloads.message(self.number, self.sequence)
+            stamp = now if intended is None else intended
+            if self.to_send is not None and stamp >= self.clock.start:
+                # Counted against --requests by the same time its latency is counted by.
+                if self.to_send == 0:
+                    break
+                self.to_send -= 1
+            messages.append(self.payloads.message(self.number, self.sequence))
             self.sequence += 1
-            messages.append(message)
-            self.sent_at.append(now if intended is None else intended)
+            self.sent_at.append(stamp)
             if intended is not None:
                 intended += self.interval
+        if not messages:
+            return
         data = b"".join(messages)
         self.expected += data
         self.transport.write(data)
@@ -175,6 +181,10 @@ class _Connection(asyncio.Protocol):
     # -- receiving --------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._suspect is not None:
+            self._suspect += data
+            self._classify_suspect()
+            return
         size = len(data)
         expected = self.expected
         if data != expected[:size]:
@@ -213,30 +223,45 @@ class _Connection(asyncio.Protocol):
             len(data),
         )
         if index >= len(expected):
-            kind: str = "duplication"  # more came back than was sent
-        else:
-            position = self.received_in_message + index
-            offset = position % self.size
-            due = self.sequence - len(self.sent_at) + position // self.size
-            start = index - offset
-            if start >= 0:
-                received = data[start : start + self.size]
-            else:  # the message began in an earlier read, which matched what was sent
-                sent = self.payloads.message(self.number, due)
-                received = sent[:-start] + data[: self.size + start]
-            kind = classify(
-                received,
-                self.number,
-                due,
-                connections=self.options.connections,
-                sent=self.sequence,
-            )
+            self._count_mismatch("duplication")  # more came back than was sent
+            return
+        position = self.received_in_message + index
+        offset = position % self.size
+        self._suspect_due = self.sequence - len(self.sent_at) + position // self.size
+        start = index - offset
+        if start >= 0:
+            self._suspect = bytearray(data[start : start + self.size])
+        else:  # the message began in an earlier read, which matched what was sent
+            sent = self.payloads.message(self.number, self._suspect_due)
+            self._suspect = bytearray(sent[:-start] + data[: self.size + start])
+        self._classify_suspect()
+
+    def _classify_suspect(self, *, final: bool = False) -> None:
+        """Classify the wrong message once its header is whole (or the stream ended)."""
+        assert self._suspect is not None
+        if len(self._suspect) < HEADER.size and not final:
+            return  # the header is cut at a read boundary: wait for the rest of it
+        kind = classify(
+            bytes(self._suspect[: self.size]),
+            self.number,
+            self._suspect_due,
+            connections=self.options.connections,
+            sent=self.sequence,
+        )
+        self._suspect = None
+        self._count_mismatch(kind)
+
+    def _count_mismatch(self, kind: str) -> None:
         self.result.mismatches[kind] += 1
         self._finish(abort=True)
 
     def eof_received(self) -> bool:
-        if self.sent_at:
+        if self._suspect is not None:
+            self._classify_suspect(final=True)
+        elif self.sent_at:
             self.result.mismatches["truncation"] += 1
+        elif self._sending() and not self.done.done():
+            self.result.errors["closed by server"] += 1
         self._finish()
         return False
 

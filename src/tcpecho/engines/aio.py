@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib
 import socket
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, cast
 
@@ -60,7 +61,7 @@ class AsyncioEngine:
         self._uvloop = load_uvloop(config.loop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[socket.socket] = []
-        self._retries: list[asyncio.TimerHandle] = []
+        self._retries: dict[int, asyncio.TimerHandle] = {}  # listener fd → paused accept
         self._handshakes: set[asyncio.Task[tuple[asyncio.BaseTransport, EchoProtocol]]] = set()
         self._stop_requested: asyncio.Event | None = None
         self._all_closed: asyncio.Event | None = None
@@ -97,17 +98,19 @@ class AsyncioEngine:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno not in ACCEPT_RETRY_ERRNOS:
-                    raise
+                    # The connection failed before we took it (reset, aborted, unreachable).
+                    self.log.accept_failed("a connection failed before it was accepted: %s", exc)
+                    continue
                 self.log.accept_failed(
                     "cannot accept a connection: %s; retrying", exc.strerror or str(exc)
                 )
                 loop.remove_reader(listener.fileno())
-                self._retries.append(
-                    loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting, listener)
+                self._retries[listener.fileno()] = loop.call_later(
+                    ACCEPT_RETRY_DELAY, self._resume_accepting, listener
                 )
                 return
             sock.setblocking(False)
@@ -116,6 +119,7 @@ class AsyncioEngine:
             task.add_done_callback(self._handshakes.discard)
 
     def _resume_accepting(self, listener: socket.socket) -> None:
+        del self._retries[listener.fileno()]
         if not self.stopping:
             asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
 
@@ -147,7 +151,7 @@ class AsyncioEngine:
             self._request_stop(self._pending_stop)
         await self._stop_requested.wait()
         loop = asyncio.get_running_loop()
-        for handle in self._retries:
+        for handle in self._retries.values():
             handle.cancel()
         for sock in self._listeners:
             loop.remove_reader(sock.fileno())
@@ -166,7 +170,10 @@ class AsyncioEngine:
             )
         for protocol in list(self.connections):
             protocol.abort()
-        await asyncio.sleep(0)  # let the aborted transports call connection_lost
+        for _ in range(10):  # an abort calls connection_lost on a later turn of the loop
+            if not self.connections:
+                break
+            await asyncio.sleep(0)
 
     def _request_stop(self, force: bool) -> None:
         if self._stop_requested is None:  # stop() before serve(): remember it
@@ -179,7 +186,7 @@ class AsyncioEngine:
 
     def _drain_started(self) -> None:
         for protocol in list(self.connections):
-            protocol.finish("closed: server stopping", linger=False)
+            protocol.stop()
         self.connection_closed()
 
     def connection_closed(self) -> None:
@@ -200,24 +207,33 @@ class EchoProtocol(asyncio.Protocol):
         self.engine = engine
         self.log = engine.log
         self.conn = new_connection(engine.config)
+        self.receive = self.conn.receive_data  # bound once: this is the per-message path
+        self.log_messages = engine.log.log_messages
         self.peer = "?"
         self.sent = 0
         self.reason = "closed by client"
         self.transport: asyncio.Transport  # set by connection_made, before any other call
-        self._timer: asyncio.TimerHandle | None = None
+        self.write: Callable[[bytes], object]
+        self.closing = False  # no more input will be answered
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but offer the same methods.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.write = transport.write
         engine = self.engine
         self.peer = net.format_address(transport.get_extra_info("peername") or ("?", 0))
         if engine.stopping or len(engine.connections) >= engine.config.max_connections:
-            self.log.busy(
-                "refused %s: %d connections open (--max-connections)",
-                self.peer,
-                engine.config.max_connections,
-            )
+            if engine.stopping:
+                self.log.busy("refused %s: the server is stopping", self.peer)
+            else:
+                self.log.busy(
+                    "refused %s: %d connections open (--max-connections)",
+                    self.peer,
+                    engine.config.max_connections,
+                )
             transport.write(BUSY_REPLY)
             transport.close()
             return
@@ -228,57 +244,47 @@ class EchoProtocol(asyncio.Protocol):
         self.log.opened(self.peer, len(engine.connections))
 
     def data_received(self, data: bytes) -> None:
-        conn = self.conn
-        if conn.state is not State.OPEN:
-            conn.receive_data(data)  # lingering: counted as discarded
-            return
-        out = conn.receive_data(data)
-        if self.log.log_messages:
-            self.log.messages(self.peer, conn.frames)
+        out = self.receive(data)
+        if self.log_messages:
+            self.log.messages(self.peer, self.conn.frames)
         if out:
-            self.transport.write(out)
+            self.write(out)
             self.sent += len(out)
-        if conn.state is not State.OPEN:
-            if conn.state is State.REJECTED:
-                self.reason = "closed: line too long"
-                self.log.rejected(self.peer, conn)
-            self._close_after_linger()
+        if self.conn.state is not OPEN and not self.closing:
+            self._input_ended(linger=True)
 
     def eof_received(self) -> bool:
-        self.finish(self.reason, linger=False)
-        return True  # close() below flushes our last replies first
-
-    def finish(self, reason: str, *, linger: bool) -> None:
-        """The end of input: reply to what is left, then close once it is sent.
-
-        ``linger``: half-close and wait for the client's end first (see `_close_after_linger`);
-        pointless when the client has finished sending, and skipped when the server stops.
-        """
-        if self.conn.state is State.OPEN:
-            self.reason = reason
-            out = self.conn.receive_data(b"")
-            self.log.messages(self.peer, self.conn.frames)
-            if out:
-                self.transport.write(out)
-                self.sent += len(out)
-        if linger:
-            self._close_after_linger()
+        if self.conn.state is OPEN:
+            self.data_received(b"")  # the end of input: answer what is left
+        if self.closing:
+            self._close()  # the client's end was what the linger waited for
         else:
-            self._close_now()
+            self._input_ended(linger=False)
+        return True  # _close() sends our last replies before it closes
+
+    def stop(self) -> None:
+        """The server is stopping: answer what was received, then close as after an error."""
+        if self.conn.state is OPEN:
+            self.reason = "closed: server stopping"
+            self.data_received(b"")
+        self._input_ended(linger=True)
 
     def pause_writing(self) -> None:
         # The client is not reading: stop reading from it too, and give it write_timeout.
         self.transport.pause_reading()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.engine.config.write_timeout, self._write_timed_out)
+        if self._write_timer is None:
+            self._write_timer = asyncio.get_running_loop().call_later(
+                self.engine.config.write_timeout, self._write_timed_out
+            )
 
     def resume_writing(self) -> None:
-        self._cancel_timer()
-        if self.conn.state is State.OPEN:
+        self._write_timer = _cancel(self._write_timer)
+        if not self.transport.is_closing():
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
+        self._write_timer = _cancel(self._write_timer)
+        self._linger_timer = _cancel(self._linger_timer)
         if not self._counted:
             return
         if isinstance(exc, OSError) and self.reason == "closed by client":
@@ -293,26 +299,44 @@ class EchoProtocol(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()
 
+    def _input_ended(self, *, linger: bool) -> None:
+        """No more input will be answered: say why, then close once the replies are out.
+
+        ``linger``: half-close and read (discarding, counted) until the client closes or
+        `LINGER_TIMEOUT`, so that closing does not reset replies the client has not read yet.
+        Pointless when the client has finished sending.
+        """
+        self.closing = True
+        if self.conn.state is State.REJECTED:
+            self.reason = "closed: line too long"
+            self.log.rejected(self.peer, self.conn)
+        transport = self.transport
+        if linger and transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+            transport.resume_reading()
+            self._linger_timer = asyncio.get_running_loop().call_later(LINGER_TIMEOUT, self._close)
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        transport = self.transport
+        transport.close()  # after the queued replies are sent
+        if transport.get_write_buffer_size() and self._write_timer is None:
+            # A client that never reads them would hold the connection forever.
+            self._write_timer = asyncio.get_running_loop().call_later(
+                self.engine.config.write_timeout, self._write_timed_out
+            )
+
     def _write_timed_out(self) -> None:
         self.reason = "closed: not reading (--write-timeout)"
         self.abort()
 
-    def _close_after_linger(self) -> None:
-        # Half-close once the replies are out; keep reading (discarding) until the client closes
-        # or LINGER_TIMEOUT, so that closing does not reset replies it has not read yet.
-        transport = self.transport
-        if transport.is_closing():
-            return
-        if transport.can_write_eof():
-            transport.write_eof()
-        transport.resume_reading()
-        self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(LINGER_TIMEOUT, self._close_now)
 
-    def _close_now(self) -> None:
-        self.transport.close()
+OPEN = State.OPEN  # a module constant: quicker than State.OPEN on the per-message path
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+
+def _cancel(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
+    """Cancel ``timer`` if there is one; returns None, to be stored in its place."""
+    if timer is not None:
+        timer.cancel()
+    return None

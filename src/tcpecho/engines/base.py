@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,7 +115,7 @@ class ConnectionLog:
             extra={"tag": "NEW CONNECTION", "fields": {"peer": peer, "active": active}},
         )
 
-    def messages(self, peer: str, frames: list[bytes]) -> None:
+    def messages(self, peer: str, frames: Sequence[bytes]) -> None:
         if self.log_messages and self.logger.isEnabledFor(logging.INFO):
             for frame in frames:
                 text = escape(frame)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import selectors
 import socket
 import struct
@@ -28,9 +29,11 @@ from tcpecho.protocol import BUSY_REPLY, EchoConnection, State
 class ThreadedEngine:
     """Accepts in the calling thread; serves each connection in a thread of its own.
 
-    The accept loop waits in a selector on the listeners and a wake-up socket, so `stop`
-    wakes it at once. Stopping shuts the read side of every connection, which wakes each
-    thread's blocking ``recv``; the thread echoes what was already received and closes.
+    The accept loop waits in a selector on the listeners and a wake-up socket. `stop` only
+    sets a flag and writes to that socket (no lock, so it is safe in a signal handler), which
+    wakes the loop at once; so does each connection thread that ends while the server drains.
+    Stopping shuts the read side of every connection, which wakes each thread's blocking
+    ``recv``; the thread echoes what was already received and closes.
     """
 
     description = "threads"
@@ -39,11 +42,11 @@ class ThreadedEngine:
         self.config = config
         self.log = ConnectionLog(config)
         self.summary = Summary()
+        self.stopping = False  # set by stop(); read by every thread
+        self._forced = False
         self._listeners: list[socket.socket] = []
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._stopping = threading.Event()
-        self._forced = threading.Event()
-        self._idle = threading.Event()  # set when draining and no connection is left
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
 
@@ -54,69 +57,93 @@ class ThreadedEngine:
             self.config.backlog,
             reuse_port=self.config.reuse_port,
         )
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         return [sock.getsockname()[:2] for sock in self._listeners]
 
     def stop(self, *, force: bool = False) -> None:
-        self._stopping.set()
-        if force:
-            self._forced.set()
-            self._idle.set()
+        self.stopping = True
+        self._forced = self._forced or force
+        self._wake()
+
+    def _wake(self) -> None:
         # The wake-up socket may be full (already woken) or closed (serve() returned).
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\0")
 
     def serve(self) -> Summary:
-        try:
-            self._accept_until_stopped()
-        finally:
-            for sock in self._listeners:
-                sock.close()
-            self._drain()
-            self._wake_r.close()
+        if self._wake_r is None:
+            raise RuntimeError("start() first")
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            try:
+                self._accept_until_stopped(selector)
+            finally:
+                for sock in self._listeners:
+                    selector.unregister(sock)
+                    sock.close()
+                self._drain(selector)
+        self._wake_r.close()
+        if self._wake_w is not None:
             self._wake_w.close()
         return self.summary
 
-    def _accept_until_stopped(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            for listener in self._listeners:
-                selector.register(listener, selectors.EVENT_READ, data=listener)
-            while not self._stopping.is_set():
-                for key, _ in selector.select():
-                    if key.data is not None:
-                        self._accept(key.data)
+    def _accept_until_stopped(self, selector: selectors.BaseSelector) -> None:
+        for listener in self._listeners:
+            selector.register(listener, selectors.EVENT_READ, data=listener)
+        while not self.stopping:
+            for key, _ in selector.select():
+                if key.data is None:
+                    self._clear_wake()
+                elif not self.stopping:
+                    self._accept(key.data)
+
+    def _clear_wake(self) -> None:
+        assert self._wake_r is not None
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(4096)
 
     def _accept(self, listener: socket.socket) -> None:
         try:
             sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if exc.errno not in ACCEPT_RETRY_ERRNOS:
-                raise
-            self.log.accept_failed(
-                "cannot accept a connection: %s; retrying", exc.strerror or str(exc)
-            )
-            self._stopping.wait(ACCEPT_RETRY_DELAY)
+            if exc.errno in ACCEPT_RETRY_ERRNOS:
+                self.log.accept_failed(
+                    "cannot accept a connection: %s; retrying", exc.strerror or str(exc)
+                )
+                # A pause that a stop still ends at once (the listener, still readable, is not
+                # watched meanwhile).
+                if self._wake_r is not None:
+                    select.select([self._wake_r], [], [], ACCEPT_RETRY_DELAY)
+            else:  # the connection failed before we took it (reset, aborted, unreachable)
+                self.log.accept_failed("a connection failed before it was accepted: %s", exc)
             return
         sock.setblocking(True)
         peer = net.format_address(address)
         with self._lock:
             active = len(self._connections)
-            if active >= self.config.max_connections:
-                busy = True
-            else:
-                busy = False
+            if active < self.config.max_connections:
                 thread = threading.Thread(
                     target=self._serve_connection, args=(sock, peer), name=f"conn-{peer}"
                 )
                 self._connections[sock] = thread
                 self.summary.connections += 1
-        if busy:
+        if active >= self.config.max_connections:
             self._refuse(sock, peer)
             return
         self.log.opened(peer, active + 1)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of memory or a ulimit
+            with self._lock:
+                del self._connections[sock]
+                self.summary.connections -= 1
+                sock.close()
+            self.log.accept_failed("closed %s: cannot start a thread for it (%s)", peer, exc)
 
     def _refuse(self, sock: socket.socket, peer: str) -> None:
         self.log.busy(
@@ -138,7 +165,7 @@ class ThreadedEngine:
         try:
             while conn.state is State.OPEN:
                 data = sock.recv(RECV_SIZE)
-                if not data and self._stopping.is_set():
+                if not data and self.stopping:
                     reason = "closed: server stopping"
                     if pending := _read_pending(sock):
                         sent += self._reply(sock, conn, peer, pending)
@@ -157,8 +184,8 @@ class ThreadedEngine:
                 sock.close()
                 self.summary.bytes_received += conn.bytes_received
                 self.summary.bytes_echoed += sent
-                if self._stopping.is_set() and not self._connections:
-                    self._idle.set()
+                if self.stopping and not self._connections:
+                    self._wake()
             self.log.closed(peer, conn, sent, reason)
 
     def _reply(self, sock: socket.socket, conn: EchoConnection, peer: str, data: bytes) -> int:
@@ -168,19 +195,25 @@ class ThreadedEngine:
             sock.sendall(out)
         return len(out)
 
-    def _drain(self) -> None:
+    def _drain(self, selector: selectors.BaseSelector) -> None:
+        """Wake every connection to finish, wait for them up to the drain timeout (or a forced
+        stop), then close the rest."""
         with self._lock:
-            if not self._connections:
-                self._idle.set()
             for sock in self._connections:
                 _shutdown(sock, socket.SHUT_RD)
-        if not self._idle.wait(self.config.drain_timeout):
-            self.log.logger.warning(
-                "drain timeout (%gs) reached: closing %d connections",
-                self.config.drain_timeout,
-                len(self._connections),
-                extra={"tag": "SERVER STOPPING"},
-            )
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self._connections and not self._forced:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.log.logger.warning(
+                    "drain timeout (%gs) reached: closing %d connections",
+                    self.config.drain_timeout,
+                    len(self._connections),
+                    extra={"tag": "SERVER STOPPING"},
+                )
+                break
+            if selector.select(remaining):  # a connection ended, or a second stop
+                self._clear_wake()
         with self._lock:
             threads = list(self._connections.values())
             for sock in self._connections:
