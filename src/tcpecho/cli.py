@@ -36,7 +36,7 @@ from tcpecho.errors import (
 )
 from tcpecho.protocol import DEFAULT_CONFIRM_PREFIX, MAX_LINE_LENGTH
 
-# Exit codes (also in docs/operations.md); errors.py sets each error's code.
+# Exit codes (the table is in README.md); errors.py sets each error's code.
 EXIT_OK = 0
 EXIT_BENCH_FAILED = 1  # tcpecho bench: a mismatch or a failed connection
 EXIT_INTERRUPTED = 130

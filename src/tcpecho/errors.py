@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class TcpEchoError(Exception):
-    """Base class. ``exit_code`` is what the CLI exits with (see docs/operations.md)."""
+    """Base class. ``exit_code`` is what the CLI exits with (the table is in README.md)."""
 
     exit_code = 1
 
