@@ -497,3 +497,39 @@ def test_console_lines_for_a_real_nc_session() -> None:
             assert closed.startswith(f"[DISCONNECTED] {nc_address} closed by client ")
             assert "(14 bytes received, 14 sent)" in closed
         stop(server)
+
+
+@pytest.mark.parametrize("engine", ENGINE_VARIANTS)
+def test_each_fault_during_a_session_is_one_log_line_and_the_server_goes_on(engine: str) -> None:
+    """A reset, a client that connects and closes at once, one that half-closes, and one that
+    leaves while its echo is on the way (broken pipe): one [DISCONNECTED] line each, no
+    traceback, and a later client is served."""
+    with ServerProcess(*LOCAL, *engine_arguments(engine), "-q") as server:
+        port = server.wait_listening()
+        address = ("127.0.0.1", port)
+        resetter = connect(address)
+        resetter.sendall(b"about to reset\n")
+        assert recv_exactly(resetter, 15) == b"about to reset\n"
+        resetter.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        resetter.close()
+        connect(address).close()
+        with connect(address) as half:
+            half.sendall(b"half\n")
+            half.shutdown(socket.SHUT_WR)
+            assert recv_until_closed(half) == b"half\n"
+        leaver = connect(address)
+        fill_until_blocked(leaver)  # the server's echo of it is on its way, unread
+        leaver.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        leaver.close()
+        with connect(address) as later:
+            later.sendall(b"still serving\n")
+            assert recv_exactly(later, 14) == b"still serving\n"
+        lines = stop(server)
+        errors = server.stderr()
+    disconnected = [line for line in lines if line.startswith("[DISCONNECTED]")]
+    assert len(disconnected) == 5, lines
+    assert any("reset by peer" in line or "broken pipe" in line for line in disconnected)
+    assert not [line for line in lines if "Traceback" in line or line.startswith(" ")]
+    assert errors == ""

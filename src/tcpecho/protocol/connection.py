@@ -52,7 +52,8 @@ class EchoConnection:
         confirm_prefix: bytes = DEFAULT_CONFIRM_PREFIX.encode(),
     ) -> None:
         self.state = State.OPEN
-        self.frames: Sequence[bytes] = ()
+        self._frames: Sequence[bytes] | None = ()
+        self._read = b""
         self.error: LineTooLong | None = None
         self.bytes_received = 0
         self.bytes_discarded = 0
@@ -65,14 +66,22 @@ class EchoConnection:
         if self.state is _OPEN and data and self._lines is None:
             # Raw framing, the common case: every engine calls this once per read, so it is
             # kept to the few steps that raw framing needs.
+            # No container is built here (a tuple per read would make the garbage collector
+            # run every few hundred reads): `frames` builds one only when asked.
             self.bytes_received += len(data)
-            self.frames = (data,)
+            self._frames = None
+            self._read = data
             return data if self._exact else self._reply(data)
         return self._receive(data)
 
+    @property
+    def frames(self) -> Sequence[bytes]:
+        """The messages the last `receive_data` call completed (for logging)."""
+        return (self._read,) if self._frames is None else self._frames
+
     def _receive(self, data: bytes) -> bytes:
         if self.state is not State.OPEN:
-            self.frames = ()
+            self._frames = ()
             self.bytes_received += len(data)
             self.bytes_discarded += len(data)
             return b""
@@ -83,23 +92,23 @@ class EchoConnection:
                 rest = lines.flush() if lines is not None else b""
             except LineTooLong as exc:
                 return self._reject(exc)
-            self.frames = (rest,) if rest else ()
+            self._frames = (rest,) if rest else ()
             return self._reply(rest) if rest else b""
         self.bytes_received += len(data)
         if lines is None:
-            self.frames = (data,)
+            self._frames = (data,)
             return self._reply(data)
         try:
-            self.frames = lines.feed(data)
+            self._frames = lines.feed(data)
         except LineTooLong as exc:
             return self._reject(exc)
-        return self._replies(self.frames)
+        return self._replies(self._frames)
 
     def _reject(self, exc: LineTooLong) -> bytes:
         self.state = State.REJECTED
         self.error = exc
         self.bytes_discarded += exc.discarded
-        self.frames = exc.lines
+        self._frames = exc.lines
         return self._replies(exc.lines) + line_too_long_reply(exc.max_length)
 
     def _replies(self, frames: Sequence[bytes]) -> bytes:
