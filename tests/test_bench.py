@@ -133,10 +133,10 @@ def test_truncation_is_caught() -> None:
     assert report["mismatches"] == {"truncation": 1}
 
 
-def test_reordering_is_caught() -> None:
+def swap_messages_3_and_4() -> Fault:
     held: dict[int, bytes] = {}
 
-    def swap_two(index: int, number: int, message: bytes) -> bytes:
+    def swap(index: int, number: int, message: bytes) -> bytes:
         if number == 3:
             held[index] = message
             return b""
@@ -144,7 +144,11 @@ def test_reordering_is_caught() -> None:
             return message + held.pop(index)
         return message
 
-    with faulty_server(swap_two) as address:
+    return swap
+
+
+def test_reordering_is_caught() -> None:
+    with faulty_server(swap_messages_3_and_4()) as address:
         report = bench(address, connections=1, pipeline=2)
     assert report["mismatches"] == {"reordering": 1}
 
@@ -336,17 +340,7 @@ def test_without_the_bench_extra_one_clear_line() -> None:
 
 
 def test_a_reordered_message_is_named_even_when_its_header_is_split_across_reads() -> None:
-    held: dict[int, bytes] = {}
-
-    def swap_and_split(index: int, number: int, message: bytes) -> bytes:
-        if number == 3:
-            held[index] = message
-            return b""
-        if number == 4:
-            return message + held.pop(index)
-        return message
-
-    with faulty_server(swap_and_split, split_at=5) as address:
+    with faulty_server(swap_messages_3_and_4(), split_at=5) as address:
         report = bench(address, connections=1, pipeline=2)
     assert report["mismatches"] == {"reordering": 1}
 

@@ -166,6 +166,10 @@ def test_workers_do_not_outlive_a_killed_supervisor() -> None:
         server.proc.wait(timeout=10)
         assert server.proc.stdout is not None
         server.proc.stdout.read()  # end of file once every worker has exited
+    # End of file comes when a worker closes its files, a moment before it is a zombie.
+    deadline = time.monotonic() + 5
+    while [pid for pid in pids if running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not [pid for pid in pids if running(pid)]
     with pytest.raises(ConnectionRefusedError):
         connect(("127.0.0.1", port)).close()

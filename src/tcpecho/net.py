@@ -91,3 +91,16 @@ def _listen(
         error = _BIND_ERRORS.get(exc.errno or 0, BindError)
         raise error(format_address(sockaddr), exc.errno, exc.strerror or str(exc)) from exc
     return sock
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short reason for a connection that failed or ended with ``exc``."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by peer"
+    if isinstance(exc, BrokenPipeError):
+        return "broken pipe"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return exc.strerror or str(exc)

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from tcpecho.bench.payload import HEADER, MIN_SIZE, Payloads, classify
 from tcpecho.errors import ConfigError
+from tcpecho.net import describe_os_error
 
 # Latencies are recorded in microseconds, from 1 µs to an hour, to 3 significant figures.
 HIST_LOWEST_US = 1
@@ -291,15 +292,9 @@ class _Connection(asyncio.Protocol):
 
 
 def _error_kind(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connect refused"
-    if isinstance(exc, ConnectionResetError):
-        return "reset"
     if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return type(exc).__name__
+        return "timeout"  # the name the run's own timeouts are counted under
+    return describe_os_error(exc) if isinstance(exc, OSError) else type(exc).__name__
 
 
 def new_loop() -> asyncio.AbstractEventLoop:

@@ -24,11 +24,10 @@ from tcpecho.engines.base import (
     WRITE_BUFFER_HIGH_WATER,
     ConnectionLog,
     Summary,
-    describe_os_error,
     new_connection,
 )
 from tcpecho.errors import ConfigError
-from tcpecho.net import Address
+from tcpecho.net import Address, describe_os_error
 from tcpecho.protocol import BUSY_REPLY, State
 
 

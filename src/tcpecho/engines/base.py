@@ -155,14 +155,3 @@ class ConnectionLog:
                 },
             },
         )
-
-
-def describe_os_error(exc: OSError) -> str:
-    """A short reason for a connection that ended with ``exc``."""
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset by peer"
-    if isinstance(exc, BrokenPipeError):
-        return "broken pipe"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return exc.strerror or str(exc)

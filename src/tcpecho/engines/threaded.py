@@ -19,10 +19,9 @@ from tcpecho.engines.base import (
     RECV_SIZE,
     ConnectionLog,
     Summary,
-    describe_os_error,
     new_connection,
 )
-from tcpecho.net import Address
+from tcpecho.net import Address, describe_os_error
 from tcpecho.protocol import BUSY_REPLY, EchoConnection, State
 
 
