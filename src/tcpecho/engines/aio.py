@@ -161,12 +161,7 @@ class AsyncioEngine:
         try:
             await asyncio.wait_for(self._all_closed.wait(), self.config.drain_timeout)
         except TimeoutError:
-            self.log.logger.warning(
-                "drain timeout (%gs) reached: closing %d connections",
-                self.config.drain_timeout,
-                len(self.connections),
-                extra={"tag": "SERVER STOPPING"},
-            )
+            self.log.drain_timed_out(self.config.drain_timeout, len(self.connections))
         for protocol in list(self.connections):
             protocol.abort()
         for _ in range(10):  # an abort calls connection_lost on a later turn of the loop
@@ -216,7 +211,6 @@ class EchoProtocol(asyncio.Protocol):
         self.closing = False  # no more input will be answered
         self._write_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
-        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but offer the same methods.
@@ -236,7 +230,6 @@ class EchoProtocol(asyncio.Protocol):
             transport.write(BUSY_REPLY)
             transport.close()
             return
-        self._counted = True
         engine.connections.add(self)
         engine.summary.connections += 1
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_WATER)
@@ -245,7 +238,7 @@ class EchoProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         out = self.receive(data)
         if self.log_messages:
-            self.log.messages(self.peer, self.conn.frames)
+            self.log.messages(self.peer, self.conn)
         if out:
             self.write(out)
             self.sent += len(out)
@@ -284,7 +277,7 @@ class EchoProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._write_timer = _cancel(self._write_timer)
         self._linger_timer = _cancel(self._linger_timer)
-        if not self._counted:
+        if self not in self.engine.connections:  # refused at connection_made
             return
         if isinstance(exc, OSError) and self.reason == "closed by client":
             self.reason = describe_os_error(exc)

@@ -1,11 +1,10 @@
-"""What every engine offers, what they share, and the registry that picks one."""
+"""What every engine offers, and what they share: constants, the connection log, a summary."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,6 +105,14 @@ class ConnectionLog:
         self.busy = RateLimitedWarning(self.logger, "BUSY")
         self.accept_failed = RateLimitedWarning(self.logger, "ACCEPT ERROR")
 
+    def drain_timed_out(self, timeout: float, remaining: int) -> None:
+        self.logger.warning(
+            "drain timeout (%gs) reached: closing %d connections",
+            timeout,
+            remaining,
+            extra={"tag": "SERVER STOPPING"},
+        )
+
     def opened(self, peer: str, active: int) -> None:
         self.logger.info(
             "%s connected. Active connections: %d%s",
@@ -115,9 +122,11 @@ class ConnectionLog:
             extra={"tag": "NEW CONNECTION", "fields": {"peer": peer, "active": active}},
         )
 
-    def messages(self, peer: str, frames: Sequence[bytes]) -> None:
+    def messages(self, peer: str, conn: EchoConnection) -> None:
+        """A line per message the last read completed. ``conn.frames`` is only built here, when
+        such lines are wanted (with ``-q`` the per-read path builds nothing)."""
         if self.log_messages and self.logger.isEnabledFor(logging.INFO):
-            for frame in frames:
+            for frame in conn.frames:
                 text = escape(frame)
                 self.logger.info(
                     "%s", text, extra={"tag": peer, "fields": {"peer": peer, "bytes": len(frame)}}

@@ -189,7 +189,7 @@ class ThreadedEngine:
 
     def _reply(self, sock: socket.socket, conn: EchoConnection, peer: str, data: bytes) -> int:
         out = conn.receive_data(data)
-        self.log.messages(peer, conn.frames)
+        self.log.messages(peer, conn)
         if out:
             sock.sendall(out)
         return len(out)
@@ -204,12 +204,7 @@ class ThreadedEngine:
         while self._connections and not self._forced:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.log.logger.warning(
-                    "drain timeout (%gs) reached: closing %d connections",
-                    self.config.drain_timeout,
-                    len(self._connections),
-                    extra={"tag": "SERVER STOPPING"},
-                )
+                self.log.drain_timed_out(self.config.drain_timeout, len(self._connections))
                 break
             if selector.select(remaining):  # a connection ended, or a second stop
                 self._clear_wake()
