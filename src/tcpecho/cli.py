@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 
 from tcpecho import __version__, bench, client, log, supervisor
 from tcpecho.bench import report as bench_report
@@ -38,6 +39,8 @@ from tcpecho.protocol import DEFAULT_CONFIRM_PREFIX, MAX_LINE_LENGTH
 
 # Exit codes (the table is in README.md); errors.py sets each error's code.
 EXIT_OK = 0
+# The serve options' defaults: the config's own, so they are written once.
+SERVE_DEFAULTS = ServerConfig()
 EXIT_BENCH_FAILED = 1  # tcpecho bench: a mismatch or a failed connection
 EXIT_INTERRUPTED = 130
 
@@ -211,14 +214,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--engine",
         choices=ENGINES,
-        default="threads",
+        default=SERVE_DEFAULTS.engine,
         help="threads: a thread per client (the seed's); asyncio: one event loop "
         "(default: %(default)s)",
     )
     how.add_argument(
         "--loop",
         choices=LOOPS,
-        default="auto",
+        default=SERVE_DEFAULTS.loop,
         help="event loop of the asyncio engine; auto takes uvloop when installed "
         "(default: %(default)s)",
     )
@@ -233,13 +236,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     protocol.add_argument(
         "--framing",
         choices=FRAMINGS,
-        default="raw",
+        default=SERVE_DEFAULTS.framing,
         help="raw: bytes as they arrive; line: messages end with \\n (default: %(default)s)",
     )
     protocol.add_argument(
         "--reply",
         choices=REPLY_MODES,
-        default="echo",
+        default=SERVE_DEFAULTS.reply,
         help="echo: the exact bytes back; confirm: the prefix and the message "
         "(default: %(default)s)",
     )
@@ -281,12 +284,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)"
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=SERVE_DEFAULTS.log_level,
+        help="(default: %(default)s)",
     )
     logs.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
-        default="console",
+        default=SERVE_DEFAULTS.log_format,
         help="console: the seed's [TAG] lines; json: one object per line (default: %(default)s)",
     )
     logs.add_argument("-q", "--quiet", action="store_true", help="do not log each message received")
@@ -315,24 +321,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        backlog=args.backlog,
-        engine=args.engine,
-        loop=args.loop,
-        workers=args.workers,
-        framing=args.framing,
-        reply=args.reply,
-        confirm_prefix=args.confirm_prefix,
-        max_line_length=args.max_line_length,
-        max_connections=args.max_connections,
-        write_timeout=args.write_timeout,
-        drain_timeout=args.drain_timeout,
-        log_level=args.log_level,
-        log_format=args.log_format,
-        log_messages=not args.quiet,
-    )
+    # Every serve option is named after the ServerConfig field it sets; -q is the one inverse.
+    options = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    config = ServerConfig(**options, log_messages=not args.quiet)
     log.configure(config.log_level, config.log_format)
     supervisor.serve(config)
     return EXIT_OK
