@@ -17,7 +17,8 @@ import pytest
 
 from tcpecho.bench import BenchOptions, run
 from tcpecho.bench.payload import HEADER, Payloads, classify
-from tcpecho.testing import RunningServer
+from tcpecho.config import ServerConfig
+from tcpecho.testing import RunningServer, running_server
 from tests.conftest import ROOT, recv_exactly
 
 SIZE = 64
@@ -349,3 +350,79 @@ def test_fewer_requests_than_connections_is_not_a_failure(server: RunningServer)
     report = bench(server.address, connections=5, requests=3)
     assert report["ok"] is True
     assert report["round_trips"] == 3
+
+
+def run_cli(
+    args: list[str], *, without: tuple[str, ...] = (), stderr: int | None = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
+    """``tcpecho`` in a new Python where the modules in ``without`` cannot be imported."""
+    code = (
+        "import sys\n"
+        f"for name in {list(without)!r}: sys.modules[name] = None\n"
+        "from tcpecho.cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def read_all(fd: int) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other end of the pty closed
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.fixture
+def one_server() -> Iterator[RunningServer]:
+    """One server of the default engine: for tests of the load generator, not of engines."""
+    with running_server(ServerConfig(host="127.0.0.1", port=0)) as running:
+        yield running
+
+
+@pytest.mark.parametrize("rich", [True, False], ids=["rich", "plain"])
+def test_a_live_progress_line_on_a_terminal_and_none_on_a_pipe(
+    one_server: RunningServer, rich: bool
+) -> None:
+    host, port = one_server.address
+    args = ["bench", f"{host}:{port}", "-c", "2", *QUICK]
+    without = () if rich else ("rich",)
+    master, slave = os.openpty()
+    try:
+        result = run_cli([*args, "-d", "2.5"], without=without, stderr=slave)
+    finally:
+        os.close(slave)
+    terminal = read_all(master).decode()
+    os.close(master)
+    assert result.returncode == 0
+    assert "round trips measured" in terminal  # redrawn each second while it ran
+    assert "no mismatch" in result.stdout
+    assert ("━" in terminal) is rich  # rich draws a bar; the plain line has none
+    on_a_pipe = run_cli([*args, "-d", "1.5"], without=without)
+    assert on_a_pipe.returncode == 0
+    assert on_a_pipe.stderr == ""
+
+
+def test_without_uvloop_one_line_says_so_and_the_run_still_checks_every_byte(
+    one_server: RunningServer,
+) -> None:
+    host, port = one_server.address
+    args = ["bench", f"{host}:{port}", "-n", "100", "-c", "2", *QUICK]
+    result = run_cli(args, without=("uvloop",))
+    assert result.returncode == 0
+    assert result.stderr.count("\n") == 1
+    assert "uvloop is not installed" in result.stderr
+    assert "pip install 'tcpecho[bench]'" in result.stderr
+    assert "generator    asyncio, 1 process" in result.stdout
+    assert "no mismatch" in result.stdout

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from tcpecho import __version__, bench, client, log, supervisor
 from tcpecho.bench import report as bench_report
-from tcpecho.bench.loadgen import BenchOptions
+from tcpecho.bench.loadgen import BenchOptions, loop_name
 from tcpecho.bench.payload import MIN_SIZE
 from tcpecho.config import (
     DEFAULT_BACKLOG,
@@ -347,6 +347,13 @@ def run_bench(args: argparse.Namespace) -> int:
         processes=args.processes,
         seed=args.seed,
     )
+    bench.check_extra()
+    if loop_name() == "asyncio":
+        print(
+            "tcpecho bench: uvloop is not installed, so the load generator runs on asyncio's "
+            "loop and drives fewer round trips (pip install 'tcpecho[bench]')",
+            file=sys.stderr,
+        )
     report = bench.run(
         options,
         hist_file=args.hist_file,

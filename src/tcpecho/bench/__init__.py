@@ -13,14 +13,12 @@ import threading
 import time
 from typing import Any, TextIO
 
+from tcpecho.bench import progress as live
 from tcpecho.bench import report
 from tcpecho.bench.loadgen import BenchOptions, ShareResult, new_loop, run_share
 from tcpecho.errors import MissingExtra
 
 __all__ = ["BenchOptions", "run"]
-
-# How often the live progress line is redrawn.
-PROGRESS_INTERVAL = 1.0
 
 
 def run(
@@ -30,13 +28,12 @@ def run(
 
     Raises `MissingExtra` when hdrhistogram is not installed.
     """
-    if importlib.util.find_spec("hdrh") is None:
-        raise MissingExtra("tcpecho bench", "hdrhistogram", "bench")
+    check_extra()
     started = time.time()
     counters = [multiprocessing.get_context("fork").Value("q", 0) for _ in range(options.processes)]
     stop_progress = threading.Event()
     shower = threading.Thread(
-        target=_show_progress, args=(counters, stop_progress, progress), daemon=True
+        target=live.show, args=(counters, options, stop_progress, progress), daemon=True
     )
     if progress is not None:
         shower.start()
@@ -51,6 +48,12 @@ def run(
     if hist_file:
         report.write_hist_log(hist_file, hist, started, time.time())
     return report.build(options, merged, hist)
+
+
+def check_extra() -> None:
+    """Raise `MissingExtra` unless hdrhistogram, which the report needs, is installed."""
+    if importlib.util.find_spec("hdrh") is None:
+        raise MissingExtra("tcpecho bench", "hdrhistogram", "bench")
 
 
 def _shares(options: BenchOptions) -> list[tuple[int, int]]:
@@ -93,17 +96,6 @@ def _run_processes(options: BenchOptions, counters: list[Any]) -> list[ShareResu
         results.append(receiver.recv())
         child.join()
     return results
-
-
-def _show_progress(counters: list[Any], stop: threading.Event, out: TextIO) -> None:
-    started = time.monotonic()
-    while not stop.wait(PROGRESS_INTERVAL):
-        done = sum(counter.value for counter in counters)
-        elapsed = time.monotonic() - started
-        out.write(f"\r{elapsed:6.1f} s  {done:,} round trips measured ")
-        out.flush()
-    out.write("\r\033[K")
-    out.flush()
 
 
 def progress_stream() -> TextIO | None:

@@ -297,13 +297,26 @@ def _error_kind(exc: BaseException) -> str:
     return describe_os_error(exc) if isinstance(exc, OSError) else type(exc).__name__
 
 
+def load_uvloop() -> Any:
+    """The uvloop module when installed, else None."""
+    try:
+        return importlib.import_module("uvloop")
+    except ImportError:
+        return None
+
+
+def loop_name() -> str:
+    """What the load generator runs on: ``uvloop <version>`` or ``asyncio``."""
+    uvloop = load_uvloop()
+    return "asyncio" if uvloop is None else f"uvloop {uvloop.__version__}"
+
+
 def new_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed (so the load generator is not the bottleneck), else asyncio's."""
-    try:
-        uvloop: Any = importlib.import_module("uvloop")
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    uvloop = load_uvloop()
+    loop: asyncio.AbstractEventLoop = (
+        asyncio.new_event_loop() if uvloop is None else uvloop.new_event_loop()
+    )
     return loop
 
 

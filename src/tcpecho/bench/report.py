@@ -14,6 +14,7 @@ from tcpecho.bench.loadgen import (
     HIST_SIGNIFICANT_FIGURES,
     BenchOptions,
     ShareResult,
+    loop_name,
 )
 
 # Bump when a field of the JSON report changes meaning or goes away (adding one does not).
@@ -61,6 +62,7 @@ def build(options: BenchOptions, result: ShareResult, hist: Any) -> dict[str, An
         "target": f"{options.host}:{options.port}",
         "options": asdict(options),
         "loop": "open" if options.rate else "closed",
+        "generator_loop": loop_name(),
         "latency_measured_from": "intended send time" if options.rate else "actual send time",
         "duration_s": round(window, 6),
         "round_trips": result.round_trips,
@@ -113,6 +115,8 @@ def write_text(report: dict[str, Any], out: TextIO) -> None:
         + (_counts(mismatches) if mismatches else "no mismatch")
     )
     lines.append("errors       " + (_counts(report["errors"]) if report["errors"] else "none"))
+    processes = f"{options['processes']} process" + ("es" if options["processes"] > 1 else "")
+    lines.append(f"generator    {report['generator_loop']}, {processes}")
     out.write("\n".join(lines) + "\n")
 
 
