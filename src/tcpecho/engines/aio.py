@@ -208,6 +208,7 @@ class EchoProtocol(asyncio.BufferedProtocol):
         self.log = engine.log
         self.conn = new_connection(engine.config)
         self.receive = self.conn.receive_data  # bound once: this is the per-message path
+        self.read_buffer = engine.read_buffer
         self.log_messages = engine.log.log_messages
         self.peer = "?"
         self.sent = 0
@@ -242,11 +243,11 @@ class EchoProtocol(asyncio.BufferedProtocol):
         self.log.opened(self.peer, len(engine.connections))
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.engine.read_buffer
+        return self.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         # Copied out at once: the next connection's read reuses the buffer.
-        self.data_received(self.engine.read_buffer[:nbytes].tobytes())
+        self.data_received(self.read_buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         out = self.receive(data)
