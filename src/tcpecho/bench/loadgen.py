@@ -8,7 +8,9 @@ import math
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 from tcpecho.bench.payload import HEADER, MIN_SIZE, Payloads, classify
@@ -330,66 +332,15 @@ async def run_share(
     """
     loop = asyncio.get_running_loop()
     result = ShareResult()
-    payloads = Payloads(options.size, options.seed)
     clock = _Clock()
-    quotas = _quotas(options, first, count)
-    connections: list[_Connection] = []
-
-    async def open_one(number: int, quota: int | None) -> None:
-        started = time.perf_counter()
-        try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(number, options, payloads, clock, result, quota),
-                    options.host,
-                    options.port,
-                ),
-                options.timeout,
-            )
-        except (OSError, TimeoutError) as exc:
-            result.errors[_error_kind(exc)] += 1
-            return
-        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        result.connect_us.append((time.perf_counter() - started) * 1_000_000)
-        connections.append(protocol)
-
-    await asyncio.gather(*(open_one(first + i, quotas[i]) for i in range(count)))
+    connections = await _open_connections(options, first, count, clock, result)
     clock.start = time.perf_counter() + options.warmup
     if options.duration is not None:
         clock.end = clock.start + options.duration
     for connection in connections:
         connection.begin()
-
-    async def flush_latencies() -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            _collect(connections, result)
-            if progress is not None:
-                progress.value = result.latencies_us.total()
-
-    flusher = loop.create_task(flush_latencies())
-    pending = {c.done for c in connections}
-    verified, progressed = -1, time.perf_counter()
-    while pending:
-        now = time.perf_counter()
-        if result.bytes_verified != verified:
-            verified, progressed = result.bytes_verified, now
-        elif now - progressed >= options.timeout:  # nothing came back for a whole timeout
-            for connection in connections:
-                if not connection.done.done():
-                    result.errors["timeout"] += 1
-                    connection.abort()
-            break
-        if not clock.stop_sending and now >= clock.end:
-            clock.stop_sending = True  # the window closed: collect what is in flight, then stop
-            for connection in connections:
-                connection.close_if_idle()
-        wait = progressed + options.timeout - now
-        if not clock.stop_sending:
-            wait = min(wait, clock.end - now)
-        _, pending = await asyncio.wait(pending, timeout=max(wait, 0.001))
+    flusher = loop.create_task(_flush_latencies(connections, result, progress))
+    await _wait_until_finished(connections, options, clock, result)
     flusher.cancel()
     finished = min(time.perf_counter(), clock.end)
     _collect(connections, result)
@@ -397,6 +348,97 @@ async def run_share(
     result.bytes_echoed = result.round_trips * options.size
     result.window = max(finished - clock.start, 1e-9)
     return result
+
+
+async def _open_connections(
+    options: BenchOptions, first: int, count: int, clock: _Clock, result: ShareResult
+) -> list[_Connection]:
+    """Open this share's connections all at once; those that fail are counted in
+    ``result.errors`` and left out."""
+    payloads = Payloads(options.size, options.seed)
+    quotas = _quotas(options, first, count)
+    opened: list[_Connection] = []
+    # partial, not a lambda: each factory must keep its own number and quota, and
+    # create_connection calls it only once the connection is made.
+    factories = [
+        partial(_Connection, first + i, options, payloads, clock, result, quotas[i])
+        for i in range(count)
+    ]
+    await asyncio.gather(*(_open_connection(f, options, result, opened) for f in factories))
+    return opened
+
+
+async def _open_connection(
+    factory: Callable[[], _Connection],
+    options: BenchOptions,
+    result: ShareResult,
+    opened: list[_Connection],
+) -> None:
+    """Connect one ``factory()`` within the timeout, timing the connect, and append it to
+    ``opened`` as it completes; a failure is counted in ``result.errors`` instead."""
+    started = time.perf_counter()
+    try:
+        _, protocol = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(factory, options.host, options.port),
+            options.timeout,
+        )
+    except (OSError, TimeoutError) as exc:
+        result.errors[_error_kind(exc)] += 1
+        return
+    sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    result.connect_us.append((time.perf_counter() - started) * 1_000_000)
+    opened.append(protocol)
+
+
+async def _flush_latencies(
+    connections: list[_Connection], result: ShareResult, progress: Any
+) -> None:
+    """Every half second, move the connections' latencies into ``result`` so ``progress``
+    (when given) shows the measured round trips so far."""
+    while True:
+        await asyncio.sleep(0.5)
+        _collect(connections, result)
+        if progress is not None:
+            progress.value = result.latencies_us.total()
+
+
+async def _wait_until_finished(
+    connections: list[_Connection], options: BenchOptions, clock: _Clock, result: ShareResult
+) -> None:
+    """Wait for every connection to finish: close the window at ``clock.end``, and give up
+    on all of them once nothing has been echoed for a whole timeout."""
+    pending = {c.done for c in connections}
+    verified, progressed = -1, time.perf_counter()
+    while pending:
+        now = time.perf_counter()
+        if result.bytes_verified != verified:
+            verified, progressed = result.bytes_verified, now
+        elif now - progressed >= options.timeout:  # nothing came back for a whole timeout
+            _abort_unfinished(connections, result)
+            break
+        if not clock.stop_sending and now >= clock.end:
+            _close_window(connections, clock)
+        wait = progressed + options.timeout - now
+        if not clock.stop_sending:
+            wait = min(wait, clock.end - now)
+        _, pending = await asyncio.wait(pending, timeout=max(wait, 0.001))
+
+
+def _abort_unfinished(connections: list[_Connection], result: ShareResult) -> None:
+    """Abort every connection still waiting for its echo, counting each as a timeout."""
+    for connection in connections:
+        if not connection.done.done():
+            result.errors["timeout"] += 1
+            connection.abort()
+
+
+def _close_window(connections: list[_Connection], clock: _Clock) -> None:
+    """Stop sending: collect what is in flight, then stop (idle connections close now)."""
+    clock.stop_sending = True
+    for connection in connections:
+        connection.close_if_idle()
 
 
 def _collect(connections: list[_Connection], result: ShareResult) -> None:
