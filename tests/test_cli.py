@@ -495,7 +495,7 @@ def test_console_lines_for_a_real_nc_session() -> None:
             assert server.wait_for(f"[{nc_address}]") == f"[{nc_address}] hello from nc\\n\n"
             closed = server.wait_for("[DISCONNECTED]")
             assert closed.startswith(f"[DISCONNECTED] {nc_address} closed by client ")
-            assert "(14 bytes received, 14 sent)" in closed
+            assert "(14 bytes received, 14 sent, " in closed
         stop(server)
 
 

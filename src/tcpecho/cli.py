@@ -12,12 +12,6 @@ from tcpecho.bench import report as bench_report
 from tcpecho.bench.loadgen import BenchOptions, loop_name
 from tcpecho.bench.payload import MIN_SIZE
 from tcpecho.config import (
-    DEFAULT_BACKLOG,
-    DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_HOST,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PORT,
-    DEFAULT_WRITE_TIMEOUT,
     ENGINES,
     FRAMINGS,
     LOG_FORMATS,
@@ -35,7 +29,6 @@ from tcpecho.errors import (
     HostNotFound,
     TcpEchoError,
 )
-from tcpecho.protocol import DEFAULT_CONFIRM_PREFIX, MAX_LINE_LENGTH
 
 # Exit codes (the table is in README.md); errors.py sets each error's code.
 EXIT_OK = 0
@@ -194,20 +187,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run_serve)
     where = parser.add_argument_group("where to listen")
     where.add_argument(
-        "--host", default=DEFAULT_HOST, help="address or name (default: %(default)s)"
+        "--host", default=SERVE_DEFAULTS.host, help="address or name (default: %(default)s)"
     )
     where.add_argument(
         "--port",
         metavar="PORT",
         type=int,
-        default=DEFAULT_PORT,
+        default=SERVE_DEFAULTS.port,
         help="0 lets the OS pick (default: %(default)s)",
     )
     where.add_argument(
         "--backlog",
         metavar="N",
         type=int,
-        default=DEFAULT_BACKLOG,
+        default=SERVE_DEFAULTS.backlog,
         help="listen queue (default: %(default)s)",
     )
     how = parser.add_argument_group("how to serve")
@@ -249,14 +242,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     protocol.add_argument(
         "--confirm-prefix",
         metavar="TEXT",
-        default=DEFAULT_CONFIRM_PREFIX,
+        default=SERVE_DEFAULTS.confirm_prefix,
         help="what a confirmation starts with (default: %(default)r)",
     )
     protocol.add_argument(
         "--max-line-length",
         metavar="BYTES",
         type=int,
-        default=MAX_LINE_LENGTH,
+        default=SERVE_DEFAULTS.max_line_length,
         help="longest line in line framing, in bytes (default: %(default)s)",
     )
     limits = parser.add_argument_group("limits")
@@ -264,14 +257,52 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-connections",
         metavar="N",
         type=int,
-        default=DEFAULT_MAX_CONNECTIONS,
+        default=SERVE_DEFAULTS.max_connections,
         help="clients served at once; more get 'ERROR server busy' (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-per-address",
+        metavar="N",
+        type=int,
+        default=SERVE_DEFAULTS.max_per_address,
+        help="clients served at once from one address; more are refused; 0: no limit "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--allow",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="serve only these addresses or networks (repeatable; default: every address)",
+    )
+    limits.add_argument(
+        "--deny",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="close connections from these at once, with no reply (repeatable; wins over --allow)",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=SERVE_DEFAULTS.idle_timeout,
+        help="close a connection with nothing received and nothing to send for this long; "
+        "0: never (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--line-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=SERVE_DEFAULTS.line_timeout,
+        help="line framing: a line must end this long after its first byte, or the client "
+        "gets an error and is closed; 0: never (default: %(default)s)",
     )
     limits.add_argument(
         "--write-timeout",
         metavar="SECONDS",
         type=float,
-        default=DEFAULT_WRITE_TIMEOUT,
+        default=SERVE_DEFAULTS.write_timeout,
         help="seconds a client may leave replies unread before it is cut off "
         "(default: %(default)s)",
     )
@@ -279,7 +310,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--drain-timeout",
         metavar="SECONDS",
         type=float,
-        default=DEFAULT_DRAIN_TIMEOUT,
+        default=SERVE_DEFAULTS.drain_timeout,
         help="seconds a stopping server lets connections finish (default: %(default)s)",
     )
     logs = parser.add_argument_group("logging")
@@ -323,6 +354,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     # Every serve option is named after the ServerConfig field it sets; -q is the one inverse.
     options = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    options.update(allow=tuple(args.allow), deny=tuple(args.deny))
     config = ServerConfig(**options, log_messages=not args.quiet)
     log.configure(config.log_level, config.log_format)
     supervisor.serve(config)

@@ -6,7 +6,21 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from tcpecho.errors import ConfigError
-from tcpecho.protocol import DEFAULT_CONFIRM_PREFIX, MAX_LINE_LENGTH, Framing, ReplyMode
+from tcpecho.protocol import (
+    DEFAULT_CONFIRM_PREFIX,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LINE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PER_ADDRESS,
+    DEFAULT_WRITE_TIMEOUT,
+    MAX_LINE_LENGTH,
+    AccessList,
+    Framing,
+    Network,
+    ReplyMode,
+    SessionSettings,
+    parse_network,
+)
 
 EngineName = Literal["threads", "asyncio"]
 LoopName = Literal["auto", "asyncio", "uvloop"]
@@ -28,11 +42,8 @@ DEFAULT_DRAIN_TIMEOUT = 5.0
 # Large enough for a burst of thousands of simultaneous connects (gunicorn uses 2048); the
 # kernel caps it at net.core.somaxconn.
 DEFAULT_BACKLOG = 2048
-# A thread costs about 18 KiB plus its stack; an asyncio connection a few KiB. This bound keeps
-# a flood of clients from exhausting descriptors or memory; raise it for load tests.
-DEFAULT_MAX_CONNECTIONS = 1024
-# A client that stops reading while the server has replies queued is cut off after this long.
-DEFAULT_WRITE_TIMEOUT = 30.0
+# The connection limits and timeouts are defined, with their reasons, beside the code that
+# enforces them: protocol/admission.py and protocol/session.py.
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,11 @@ class ServerConfig:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     backlog: int = DEFAULT_BACKLOG
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_per_address: int = DEFAULT_MAX_PER_ADDRESS
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    line_timeout: float = DEFAULT_LINE_TIMEOUT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     workers: int = 1
     # Set by the supervisor for its worker processes: the worker's number (0: no workers), and
@@ -87,11 +103,45 @@ class ServerConfig:
         _require(
             self.write_timeout > 0, "--write-timeout", self.write_timeout, "must be more than 0"
         )
+        _require(
+            self.max_per_address >= 0,
+            "--max-per-address",
+            self.max_per_address,
+            "must be at least 0 (0: no limit)",
+        )
+        _require(self.idle_timeout >= 0, "--idle-timeout", self.idle_timeout, "must be 0 or more")
+        _require(self.line_timeout >= 0, "--line-timeout", self.line_timeout, "must be 0 or more")
         _require(self.workers >= 1, "--workers", self.workers, "must be at least 1")
+        self.access_list()  # raises ConfigError for a bad CIDR
         try:
             self.confirm_prefix.encode()
         except UnicodeEncodeError as exc:
             raise ConfigError("--confirm-prefix", self.confirm_prefix, str(exc)) from exc
+
+    def access_list(self) -> AccessList:
+        """``allow`` and ``deny`` parsed. Raises `ConfigError` for an entry that is no network."""
+        return AccessList(
+            allow=tuple(_network("--allow", text) for text in self.allow),
+            deny=tuple(_network("--deny", text) for text in self.deny),
+        )
+
+    def session_settings(self) -> SessionSettings:
+        return SessionSettings(
+            framing=self.framing,
+            reply=self.reply,
+            confirm_prefix=self.confirm_prefix.encode(),
+            max_line_length=self.max_line_length,
+            idle_timeout=self.idle_timeout,
+            line_timeout=self.line_timeout,
+            write_timeout=self.write_timeout,
+        )
+
+
+def _network(option: str, text: str) -> Network:
+    try:
+        return parse_network(text)
+    except ValueError as exc:
+        raise ConfigError(option, text, "not an IP address or CIDR network") from exc
 
 
 def _require(ok: bool, option: str, value: object, reason: str) -> None:

@@ -10,13 +10,29 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TextIO
 
 from tcpecho.config import LogFormat, LogLevel
+from tcpecho.events import (
+    AcceptFailed,
+    Closed,
+    Draining,
+    DrainTimedOut,
+    Event,
+    Message,
+    Opened,
+    Refused,
+    Stopped,
+)
 
 # Messages longer than this are cut in the log (the whole message is still echoed).
 MAX_LOGGED_BYTES = 200
+# Warnings that a flood could repeat (refusals, accept errors) are logged at most once per this
+# many seconds per kind, with the count of those folded into the next line.
+WARNING_INTERVAL = 1.0
 
 # Control characters (C0, DEL, C1), and Unicode characters that move or reorder text on a
 # terminal (line/paragraph separators, bidi controls), shown as escapes. Backslash is doubled
@@ -88,3 +104,154 @@ def configure(level: LogLevel, fmt: LogFormat, stream: TextIO | None = None) -> 
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+class RateLimited:
+    """Lets a kind of line through at most once per `WARNING_INTERVAL`, counting the rest."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._next: dict[object, float] = {}
+        self._held: dict[object, int] = {}
+
+    def allow(self, kind: object) -> int | None:
+        """None: hold this one back. Else how many of ``kind`` were held since the last."""
+        now = self._clock()
+        if now < self._next.get(kind, 0.0):
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._next[kind] = now + WARNING_INTERVAL
+        return self._held.pop(kind, 0)
+
+
+class EventLog:
+    """Turns server events into log records: the seed's console lines, or JSON objects.
+
+    ``worker``: the worker's number (0: no workers), shown on the lines it opens.
+    """
+
+    def __init__(self, *, log_messages: bool = True, worker: int = 0) -> None:
+        self.logger = logging.getLogger("tcpecho.server")
+        self.log_messages = log_messages
+        self._worker = f" (worker {worker})" if worker else ""
+        self._limit = RateLimited()
+
+    @property
+    def wants_messages(self) -> bool:
+        """Whether `Message` events are worth making (false with -q or above info)."""
+        return self.log_messages and self.logger.isEnabledFor(logging.INFO)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Message):
+            self._message(event)
+        elif isinstance(event, Opened):
+            self._info(
+                "NEW CONNECTION",
+                "%s connected. Active connections: %d%s",
+                event.peer,
+                event.active,
+                self._worker,
+                peer=event.peer,
+                active=event.active,
+            )
+        elif isinstance(event, Closed):
+            self._closed(event)
+        elif isinstance(event, Refused):
+            self._refused(event)
+        elif isinstance(event, AcceptFailed):
+            self._accept_failed(event)
+        elif isinstance(event, Draining):
+            self._info(
+                "SERVER STOPPING",
+                "draining: waiting up to %gs for %d connections to finish",
+                event.timeout,
+                event.connections,
+                connections=event.connections,
+            )
+        elif isinstance(event, DrainTimedOut):
+            self._warning(
+                "SERVER STOPPING",
+                "drain timeout (%gs) reached: closing %d connections",
+                event.timeout,
+                event.remaining,
+                remaining=event.remaining,
+            )
+        elif isinstance(event, Stopped):
+            summary = event.summary
+            self._info(
+                "SERVER STOPPED",
+                "%d connections served, %d bytes echoed%s",
+                summary.connections,
+                summary.bytes_echoed,
+                self._worker,
+                connections=summary.connections,
+                bytes_echoed=summary.bytes_echoed,
+                refused=summary.refused,
+            )
+
+    def _message(self, event: Message) -> None:
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info(
+                "%s",
+                escape(event.data),
+                extra={"tag": event.peer, "fields": {"peer": event.peer, "bytes": len(event.data)}},
+            )
+
+    def _closed(self, event: Closed) -> None:
+        extras = ""
+        if event.detail:
+            extras += f": {event.detail}"
+        extras += f" ({event.bytes_received} bytes received, {event.bytes_sent} sent"
+        if event.bytes_unsent:
+            extras += f", {event.bytes_unsent} of them never delivered"
+        if event.bytes_discarded:
+            extras += f", {event.bytes_discarded} discarded ({event.discard_reason})"
+        self._info(
+            "DISCONNECTED",
+            "%s %s%s, %.1fs)",
+            event.peer,
+            event.reason.value,
+            extras,
+            event.duration,
+            peer=event.peer,
+            reason=event.reason.label,
+            detail=event.detail,
+            bytes_received=event.bytes_received,
+            bytes_sent=event.bytes_sent,
+            bytes_unsent=event.bytes_unsent,
+            bytes_discarded=event.bytes_discarded,
+            duration=round(event.duration, 3),
+        )
+
+    def _refused(self, event: Refused) -> None:
+        held = self._limit.allow(event.reason)
+        if held is None:
+            return
+        more = f" ({held} more since the last such line)" if held else ""
+        self._warning(
+            "REFUSED",
+            "%s %s%s",
+            event.peer,
+            event.reason.value,
+            more,
+            peer=event.peer,
+            reason=event.reason.label,
+            folded=held,
+        )
+
+    def _accept_failed(self, event: AcceptFailed) -> None:
+        held = self._limit.allow(AcceptFailed)
+        if held is None:
+            return
+        more = f" ({held} more since the last such line)" if held else ""
+        if event.retrying:
+            text = "cannot accept a connection: %s; retrying%s"
+        else:
+            text = "a connection failed before it was accepted: %s%s"
+        self._warning("ACCEPT ERROR", text, event.error, more, error=event.error, folded=held)
+
+    def _info(self, tag: str, message: str, *args: object, **fields: object) -> None:
+        self.logger.info(message, *args, extra={"tag": tag, "fields": fields})
+
+    def _warning(self, tag: str, message: str, *args: object, **fields: object) -> None:
+        self.logger.warning(message, *args, extra={"tag": tag, "fields": fields})

@@ -53,9 +53,7 @@ def serve(config: ServerConfig) -> Summary:
         extra={"tag": "ENGINE", "fields": {"engine": engine.description}},
     )
     with stop_on_signals(engine.stop):
-        summary = engine.serve()
-    _log_summary(summary)
-    return summary
+        return engine.serve()  # it logs its own summary
 
 
 def _log_banner(addresses: list[Address]) -> None:
@@ -201,8 +199,7 @@ def _fork_worker(config: ServerConfig, signal_mask: set[int | signal.Signals]) -
         )
         with stop_on_signals(engine.stop):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            summary = engine.serve()
-        _log_summary(summary, worker=f"worker {config.worker}: ")
+            engine.serve()
         code = 0
     except TcpEchoError as exc:
         logger.error("worker %d: %s", config.worker, exc, extra={"tag": "WORKER"})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tcpecho.config import ServerConfig
 from tcpecho.engines.aio import AsyncioEngine
-from tcpecho.engines.base import Engine, Summary
+from tcpecho.engines.base import Engine
 from tcpecho.engines.threaded import ThreadedEngine
+from tcpecho.events import Consumer, Summary
 
 ENGINE_CLASSES: dict[str, type[ThreadedEngine] | type[AsyncioEngine]] = {
     "threads": ThreadedEngine,
@@ -13,9 +16,12 @@ ENGINE_CLASSES: dict[str, type[ThreadedEngine] | type[AsyncioEngine]] = {
 }
 
 
-def create_engine(config: ServerConfig) -> Engine:
-    """A new, not yet started engine of the kind ``config.engine`` names."""
-    return ENGINE_CLASSES[config.engine](config)
+def create_engine(config: ServerConfig, consumers: Iterable[Consumer] = ()) -> Engine:
+    """A new, not yet started engine of the kind ``config.engine`` names.
+
+    ``consumers`` receive every server event besides the log and the summary (metrics, tests).
+    """
+    return ENGINE_CLASSES[config.engine](config, consumers)
 
 
 __all__ = ["ENGINE_CLASSES", "Engine", "Summary", "create_engine"]

@@ -1,31 +1,46 @@
-"""What every engine offers, and what they share: constants, the connection log, a summary."""
+"""What both engines share: the Engine protocol, the per-connection driver, and `EngineCore`.
+
+An engine only moves bytes. `Driver` is one connection as every engine drives it: it feeds the
+`Session` what the engine read and when its timer fired, and carries out the session's
+commands through the few mechanisms a subclass supplies (write, half-close, close, abort, pause
+and resume reading, arm the one timer). `EngineCore` is what a server knows of all its
+connections: admission, the event stream, the accept-error policy and the drain.
+"""
 
 from __future__ import annotations
 
 import errno
-import logging
-import time
-from dataclasses import dataclass
-from typing import Protocol
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from time import monotonic
+from typing import Any, Generic, Protocol, TypeVar
 
 from tcpecho.config import ServerConfig
-from tcpecho.log import escape
-from tcpecho.net import Address
-from tcpecho.protocol import EchoConnection, State
+from tcpecho.events import (
+    AcceptFailed,
+    Closed,
+    Consumer,
+    Counters,
+    Draining,
+    DrainTimedOut,
+    EventStream,
+    Message,
+    Opened,
+    Refused,
+    Stopped,
+    Summary,
+)
+from tcpecho.log import EventLog
+from tcpecho.net import Address, format_address
+from tcpecho.protocol import Admission, CloseReason, Command, Session
 
-# Past this many reply bytes queued for a client that does not read, the asyncio engine stops
-# reading from it until it reads again (the threads engine blocks in send, with the same effect),
+# Past this many reply bytes queued for a client that does not read, the asyncio engine tells
+# the session that writing is blocked (the threads engine: a send that cannot finish at once),
 # so a client that sends and never reads cannot grow the server's memory.
 WRITE_BUFFER_HIGH_WATER = 256 * 1024
 # Bytes asked of the OS per read: large enough that a 64 KiB message is one read.
 RECV_SIZE = 64 * 1024
-# After the server finished sending (error reply, end of echo, stop), how long it keeps reading
-# and discarding what the client still sends, so that closing does not reset the connection
-# and destroy a reply the client has not read yet.
-LINGER_TIMEOUT = 2.0
-# Repeated warnings (server busy, out of descriptors) are logged at most once per this many
-# seconds, so a flood cannot flood the log.
-WARNING_INTERVAL = 1.0
 # Accept errors that mean "out of resources for now": pause, retry, never stop serving.
 ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How long the accept loop pauses after one of those before it tries again.
@@ -33,15 +48,6 @@ ACCEPT_RETRY_DELAY = 0.1
 # Connections the asyncio engine accepts per readiness event, so a burst cannot starve the
 # connections already open.
 ACCEPT_BATCH = 128
-
-
-@dataclass
-class Summary:
-    """What a server did, for the line it prints when it stops."""
-
-    connections: int = 0
-    bytes_received: int = 0
-    bytes_echoed: int = 0
 
 
 class Engine(Protocol):
@@ -65,102 +71,211 @@ class Engine(Protocol):
     def stop(self, *, force: bool = False) -> None: ...
 
 
-def new_connection(config: ServerConfig) -> EchoConnection:
-    return EchoConnection(
-        config.framing,
-        config.reply,
-        max_line_length=config.max_line_length,
-        confirm_prefix=config.confirm_prefix.encode(),
-    )
+DriverT = TypeVar("DriverT", bound="Driver")
 
 
-class RateLimitedWarning:
-    """A warning logged at most once per `WARNING_INTERVAL`, with the count of those it held."""
+class EngineCore(Generic[DriverT]):
+    """What a server knows of all its connections, the same for every engine.
 
-    def __init__(self, logger: logging.Logger, tag: str) -> None:
-        self._logger = logger
-        self._tag = tag
-        self._next = 0.0
-        self._held = 0
+    ``threaded``: connections open and close from several threads, so admission is locked.
+    """
 
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return
-        if self._held:
-            message += f" ({self._held} more since the last such line)"
-            self._held = 0
-        self._next = now + WARNING_INTERVAL
-        self._logger.warning(message, *args, extra={"tag": self._tag})
-
-
-class ConnectionLog:
-    """The console lines about connections, the same for every engine."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.logger = logging.getLogger("tcpecho.server")
-        self.log_messages = config.log_messages
-        self.worker = f" (worker {config.worker})" if config.worker else ""
-        self.busy = RateLimitedWarning(self.logger, "BUSY")
-        self.accept_failed = RateLimitedWarning(self.logger, "ACCEPT ERROR")
-
-    def drain_timed_out(self, timeout: float, remaining: int) -> None:
-        self.logger.warning(
-            "drain timeout (%gs) reached: closing %d connections",
-            timeout,
-            remaining,
-            extra={"tag": "SERVER STOPPING"},
+    def __init__(
+        self, config: ServerConfig, consumers: Iterable[Consumer] = (), *, threaded: bool
+    ) -> None:
+        self.config = config
+        self.settings = config.session_settings()
+        self.admission = Admission(
+            config.max_connections, config.max_per_address, config.access_list()
         )
+        self.log = EventLog(log_messages=config.log_messages, worker=config.worker)
+        self.counters = Counters()
+        self.emit = EventStream([self.log, self.counters, *consumers])
+        self.log_messages = self.log.wants_messages
+        self.drivers: set[DriverT] = set()
+        self.stopping = False
+        self._lock: AbstractContextManager[object] = threading.Lock() if threaded else nullcontext()
 
-    def opened(self, peer: str, active: int) -> None:
-        self.logger.info(
-            "%s connected. Active connections: %d%s",
-            peer,
-            active,
-            self.worker,
-            extra={"tag": "NEW CONNECTION", "fields": {"peer": peer, "active": active}},
-        )
+    def admit(self, driver: DriverT) -> CloseReason | None:
+        """Admit a new connection (None) or say why it is refused; emits Opened or Refused."""
+        with self._lock:
+            refusal = self.admission.admit(driver.host, stopping=self.stopping)
+            if refusal is None:
+                self.drivers.add(driver)
+                active = len(self.drivers)
+        if refusal is None:
+            self.emit(Opened(driver.peer, active))
+        else:
+            self.emit(Refused(driver.peer, refusal))
+        return refusal
 
-    def messages(self, peer: str, conn: EchoConnection) -> None:
-        """A line per message the last read completed. ``conn.frames`` is only built here, when
-        such lines are wanted (with ``-q`` the per-read path builds nothing)."""
-        if self.log_messages and self.logger.isEnabledFor(logging.INFO):
-            for frame in conn.frames:
-                text = escape(frame)
-                self.logger.info(
-                    "%s", text, extra={"tag": peer, "fields": {"peer": peer, "bytes": len(frame)}}
-                )
-
-    def rejected(self, peer: str, conn: EchoConnection) -> None:
-        if conn.error is not None:
-            self.logger.warning(
-                "%s sent a line longer than %d bytes; replied with an error, closing",
-                peer,
-                conn.error.max_length,
-                extra={"tag": "LINE TOO LONG", "fields": {"peer": peer}},
+    def closed(self, driver: DriverT) -> None:
+        """An admitted connection is gone: emit Closed, free its place."""
+        session = driver.session
+        with self._lock:
+            self.drivers.discard(driver)
+            self.admission.release(driver.host)
+        assert session.reason is not None
+        self.emit(
+            Closed(
+                driver.peer,
+                session.reason,
+                session.detail,
+                session.bytes_received,
+                session.bytes_sent,
+                session.bytes_discarded,
+                session.discard_reason,
+                session.bytes_unsent,
+                monotonic() - session.opened_at,
             )
-
-    def closed(self, peer: str, conn: EchoConnection, sent: int, reason: str) -> None:
-        discarded = ""
-        if conn.bytes_discarded:
-            why = "line too long" if conn.state is State.REJECTED else "sent after the end"
-            discarded = f", {conn.bytes_discarded} discarded ({why})"
-        self.logger.info(
-            "%s %s (%d bytes received, %d sent%s)",
-            peer,
-            reason,
-            conn.bytes_received,
-            sent,
-            discarded,
-            extra={
-                "tag": "DISCONNECTED",
-                "fields": {
-                    "peer": peer,
-                    "reason": reason,
-                    "bytes_received": conn.bytes_received,
-                    "bytes_sent": sent,
-                    "bytes_discarded": conn.bytes_discarded,
-                },
-            },
         )
+
+    def messages(self, driver: Driver) -> None:
+        for frame in driver.session.frames:
+            self.emit(Message(driver.peer, frame))
+
+    def accept_failed(self, exc: OSError) -> float:
+        """Log an accept error; return how long to pause accepting (0: go on at once).
+
+        Out of descriptors or memory, accepting pauses and retries; it never ends the loop.
+        Any other error is a connection that failed before it was accepted.
+        """
+        retrying = exc.errno in ACCEPT_RETRY_ERRNOS
+        self.emit(AcceptFailed(exc.strerror or str(exc), retrying))
+        return ACCEPT_RETRY_DELAY if retrying else 0.0
+
+    def drain_started(self) -> list[DriverT]:
+        """Stop admitting; return the connections to drain (emits Draining)."""
+        with self._lock:
+            self.stopping = True
+            drivers = list(self.drivers)
+        self.emit(Draining(len(drivers), self.config.drain_timeout))
+        return drivers
+
+    def drain_timed_out(self) -> list[DriverT]:
+        """The drain timeout passed: return the connections left (emits DrainTimedOut)."""
+        with self._lock:
+            drivers = list(self.drivers)
+        if drivers:
+            self.emit(DrainTimedOut(len(drivers), self.config.drain_timeout))
+        return drivers
+
+    def stopped(self) -> Summary:
+        summary = self.counters.summary()
+        self.emit(Stopped(summary))
+        return summary
+
+
+class Driver:
+    """One connection, driven the same way by every engine.
+
+    A subclass supplies the mechanisms: ``write`` (an attribute or method), `shut_write`,
+    `close`, `abort`, `pause_reading`, `resume_reading` and `set_timer`. It calls
+    `data_received` for every read (``b""``: the client finished sending), `timer_fired`,
+    `writing_blocked`/`writing_resumed` for backpressure and `lost` exactly once at the end.
+    """
+
+    write: Callable[[bytes], object]
+
+    def __init__(self, core: EngineCore[Any], address: tuple[object, ...]) -> None:
+        self.core = core
+        self.host = str(address[0])
+        self.peer = format_address(address)
+        self.session = Session(core.settings, monotonic())
+        self.receive = self.session.receive_data  # bound once: the per-read path
+        self.commands = self.session.commands  # the same list, read on every call
+        self.log_messages = core.log_messages
+        self.admitted = False
+
+    def admit(self) -> bool:
+        """Ask admission; when refused, carry out the refusal and return False."""
+        refusal = self.core.admit(self)
+        if refusal is None:
+            self.admitted = True
+            self.set_timer(self.session.next_deadline())
+            return True
+        self.send(self.session.refuse(refusal, monotonic()))
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        out = self.receive(data, monotonic())
+        if out:
+            self.write(out)
+        if self.log_messages:
+            self.core.messages(self)
+        if self.commands:
+            self.carry_out()
+
+    def timer_fired(self) -> None:
+        self.send(self.session.handle_timeout(monotonic()))
+        self.set_timer(self.session.next_deadline())
+
+    def writing_blocked(self) -> None:
+        self.session.writing_blocked(monotonic())
+        self.carry_out()
+
+    def writing_resumed(self) -> None:
+        self.session.writing_resumed(monotonic())
+        self.carry_out()
+
+    def stop(self) -> None:
+        """The server is stopping: answer what was received, then half-close and linger."""
+        self.send(self.session.stop(monotonic()))
+
+    def force(self, reason: CloseReason) -> None:
+        """Close at once (a second stop signal, the drain timeout)."""
+        self.session.abort(reason)
+        self.carry_out()
+
+    def lost(self, exc: BaseException | None, unsent: int = 0) -> None:
+        """The connection is gone (``exc``: the error that ended it)."""
+        self.session.connection_lost(exc, unsent)
+        self.set_timer(None)
+        if self.admitted:
+            self.admitted = False
+            self.core.closed(self)
+
+    def send(self, out: bytes) -> None:
+        """Send what a session call returned, then carry out its commands."""
+        if out:
+            self.write(out)
+        self.carry_out()
+
+    def carry_out(self) -> None:
+        for command in self.session.take_commands():
+            if command is Command.RESCHEDULE:
+                self.set_timer(self.session.next_deadline())
+            else:
+                getattr(self, _ACTIONS[command])()
+
+    # The mechanisms, supplied by each engine.
+
+    def shut_write(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        raise NotImplementedError
+
+    def set_timer(self, deadline: float | None) -> None:
+        """Arm the connection's one timer for ``deadline`` (monotonic), or cancel it (None).
+        Firing early is harmless (the session keeps deadlines not yet due); late is not."""
+        raise NotImplementedError
+
+
+# Each command, and the Driver method that carries it out.
+_ACTIONS: dict[Command, str] = {
+    Command.PAUSE_READING: "pause_reading",
+    Command.RESUME_READING: "resume_reading",
+    Command.SHUT_WRITE: "shut_write",
+    Command.CLOSE: "close",
+    Command.ABORT: "abort",
+}

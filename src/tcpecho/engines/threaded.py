@@ -8,21 +8,15 @@ import selectors
 import socket
 import struct
 import threading
-import time
+from collections.abc import Iterable
+from time import monotonic
 
 from tcpecho import net
 from tcpecho.config import ServerConfig
-from tcpecho.engines.base import (
-    ACCEPT_RETRY_DELAY,
-    ACCEPT_RETRY_ERRNOS,
-    LINGER_TIMEOUT,
-    RECV_SIZE,
-    ConnectionLog,
-    Summary,
-    new_connection,
-)
-from tcpecho.net import Address, describe_os_error
-from tcpecho.protocol import BUSY_REPLY, EchoConnection, State
+from tcpecho.engines.base import RECV_SIZE, Driver, EngineCore
+from tcpecho.events import Consumer, Summary
+from tcpecho.net import Address
+from tcpecho.protocol import CloseReason
 
 
 class ThreadedEngine:
@@ -31,23 +25,22 @@ class ThreadedEngine:
     The accept loop waits in a selector on the listeners and a wake-up socket. `stop` only
     sets a flag and writes to that socket (no lock, so it is safe in a signal handler), which
     wakes the loop at once; so does each connection thread that ends while the server drains.
-    Stopping shuts the read side of every connection, which wakes each thread's blocking
-    ``recv``; the thread echoes what was already received and closes.
+    Draining shuts the read side of every connection, which wakes each thread's blocking
+    ``recv``; the thread answers what was already received and closes.
     """
 
     description = "threads"
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, consumers: Iterable[Consumer] = ()) -> None:
         self.config = config
-        self.log = ConnectionLog(config)
-        self.summary = Summary()
-        self.stopping = False  # set by stop(); read by every thread
+        self.core: EngineCore[ThreadConnection] = EngineCore(config, consumers, threaded=True)
+        self._stop_requested = False
         self._forced = False
         self._listeners: list[socket.socket] = []
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._threads: dict[ThreadConnection, threading.Thread] = {}
+        self._threads_lock = threading.Lock()
 
     def start(self) -> list[Address]:
         self._listeners = net.open_listeners(
@@ -62,11 +55,11 @@ class ThreadedEngine:
         return [sock.getsockname()[:2] for sock in self._listeners]
 
     def stop(self, *, force: bool = False) -> None:
-        self.stopping = True
+        self._stop_requested = True
         self._forced = self._forced or force
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         # The wake-up socket may be full (already woken) or closed (serve() returned).
         if self._wake_w is not None:
             with contextlib.suppress(OSError):
@@ -87,16 +80,16 @@ class ThreadedEngine:
         self._wake_r.close()
         if self._wake_w is not None:
             self._wake_w.close()
-        return self.summary
+        return self.core.stopped()
 
     def _accept_until_stopped(self, selector: selectors.BaseSelector) -> None:
         for listener in self._listeners:
             selector.register(listener, selectors.EVENT_READ, data=listener)
-        while not self.stopping:
+        while not self._stop_requested:
             for key, _ in selector.select():
                 if key.data is None:
                     self._clear_wake()
-                elif not self.stopping:
+                elif not self._stop_requested:
                     self._accept(key.data)
 
     def _clear_wake(self) -> None:
@@ -110,119 +103,194 @@ class ThreadedEngine:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if exc.errno in ACCEPT_RETRY_ERRNOS:
-                self.log.accept_failed(
-                    "cannot accept a connection: %s; retrying", exc.strerror or str(exc)
-                )
+            pause = self.core.accept_failed(exc)
+            if pause and self._wake_r is not None:
                 # A pause that a stop still ends at once (the listener, still readable, is not
                 # watched meanwhile).
-                if self._wake_r is not None:
-                    select.select([self._wake_r], [], [], ACCEPT_RETRY_DELAY)
-            else:  # the connection failed before we took it (reset, aborted, unreachable)
-                self.log.accept_failed("a connection failed before it was accepted: %s", exc)
+                select.select([self._wake_r], [], [], pause)
             return
         sock.setblocking(True)
-        peer = net.format_address(address)
-        with self._lock:
-            active = len(self._connections)
-            if active < self.config.max_connections:
-                thread = threading.Thread(
-                    target=self._serve_connection, args=(sock, peer), name=f"conn-{peer}"
-                )
-                self._connections[sock] = thread
-                self.summary.connections += 1
-        if active >= self.config.max_connections:
-            self._refuse(sock, peer)
+        conn = ThreadConnection(self, sock, address)
+        if not conn.admit():
+            conn.refused()
             return
-        self.log.opened(peer, active + 1)
+        thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}")
+        with self._threads_lock:
+            self._threads[conn] = thread
         try:
             thread.start()
         except RuntimeError as exc:  # "can't start new thread": out of memory or a ulimit
-            with self._lock:
-                del self._connections[sock]
-                self.summary.connections -= 1
-                sock.close()
-            self.log.accept_failed("closed %s: cannot start a thread for it (%s)", peer, exc)
+            with self._threads_lock:
+                del self._threads[conn]
+            conn.lost(exc)
+            sock.close()
 
-    def _refuse(self, sock: socket.socket, peer: str) -> None:
-        self.log.busy(
-            "refused %s: %d connections open (--max-connections)", peer, self.config.max_connections
-        )
-        try:
-            sock.setblocking(False)
-            sock.send(BUSY_REPLY)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        sock.close()
-
-    def _serve_connection(self, sock: socket.socket, peer: str) -> None:
-        conn = new_connection(self.config)
-        sent = 0
-        reason = "closed by client"
-        _set_send_timeout(sock, self.config.write_timeout)
-        try:
-            while conn.state is State.OPEN:
-                data = sock.recv(RECV_SIZE)
-                if not data and self.stopping:
-                    reason = "closed: server stopping"
-                    if pending := _read_pending(sock):
-                        sent += self._reply(sock, conn, peer, pending)
-                sent += self._reply(sock, conn, peer, data)
-            if conn.state is State.REJECTED:
-                reason = "closed: line too long"
-                self.log.rejected(peer, conn)
-            _linger(sock, conn)
-        except BlockingIOError:
-            reason = "closed: not reading (--write-timeout)"
-        except OSError as exc:
-            reason = describe_os_error(exc)
-        finally:
-            with self._lock:  # unregistered under the lock, so _drain never shuts a closed fd
-                del self._connections[sock]
-                sock.close()
-                self.summary.bytes_received += conn.bytes_received
-                self.summary.bytes_echoed += sent
-                if self.stopping and not self._connections:
-                    self._wake()
-            self.log.closed(peer, conn, sent, reason)
-
-    def _reply(self, sock: socket.socket, conn: EchoConnection, peer: str, data: bytes) -> int:
-        out = conn.receive_data(data)
-        self.log.messages(peer, conn)
-        if out:
-            sock.sendall(out)
-        return len(out)
+    def connection_ended(self, conn: ThreadConnection) -> None:
+        with self._threads_lock:
+            self._threads.pop(conn, None)
+        if self.core.stopping:
+            self.wake()
 
     def _drain(self, selector: selectors.BaseSelector) -> None:
         """Wake every connection to finish, wait for them up to the drain timeout (or a forced
         stop), then close the rest."""
-        with self._lock:
-            for sock in self._connections:
-                _shutdown(sock, socket.SHUT_RD)
-        deadline = time.monotonic() + self.config.drain_timeout
-        while self._connections and not self._forced:
-            remaining = deadline - time.monotonic()
+        for conn in self.core.drain_started():
+            conn.wake_to_stop()
+        deadline = monotonic() + self.config.drain_timeout
+        while self._threads and not self._forced:
+            remaining = deadline - monotonic()
             if remaining <= 0:
-                self.log.drain_timed_out(self.config.drain_timeout, len(self._connections))
+                for conn in self.core.drain_timed_out():
+                    conn.force_from_outside(CloseReason.DRAIN_TIMEOUT)
                 break
             if selector.select(remaining):  # a connection ended, or a second stop
                 self._clear_wake()
-        with self._lock:
-            threads = list(self._connections.values())
-            for sock in self._connections:
-                _shutdown(sock, socket.SHUT_RDWR)
-        for thread in threads:
+        with self._threads_lock:
+            threads = list(self._threads.items())
+        for conn, thread in threads:
+            conn.force_from_outside(CloseReason.FORCED_STOP)
             thread.join()
 
 
+class ThreadConnection(Driver):
+    """One connection, served by the thread that calls `run` (blocking socket).
+
+    The connection's one timer is the kernel's: ``SO_RCVTIMEO`` while it waits to read,
+    ``SO_SNDTIMEO`` while a send is blocked. Both count from the start of each call, so an
+    absolute deadline (the line timeout) is re-armed before every read in line framing.
+    Every session call happens in this thread; other threads only shut the socket down (which
+    wakes it) and set `_forced`.
+    """
+
+    def __init__(self, engine: ThreadedEngine, sock: socket.socket, address: Address) -> None:
+        super().__init__(engine.core, address)
+        self.engine = engine
+        self.sock = sock
+        self.reading = True
+        self._deadline: float | None = None
+        self._timer_dirty = False
+        self._rearm_every_read = self.session.settings.framing == "line"
+        self._forced: CloseReason | None = None
+
+    def run(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._read_until_done()
+        except OSError as exc:
+            error = exc
+            if self._forced is not None:
+                self.session.abort(self._forced)
+        finally:
+            self.sock.close()
+            self.lost(error)
+            self.engine.connection_ended(self)
+
+    def _read_until_done(self) -> None:
+        recv = self.sock.recv
+        handle = self.data_received
+        while self.reading:
+            if self._timer_dirty or self._rearm_every_read:
+                self._arm(socket.SO_RCVTIMEO)
+            try:
+                data = recv(RECV_SIZE)
+            except BlockingIOError:  # SO_RCVTIMEO: the timer fired
+                self.timer_fired()
+                continue
+            if data:
+                handle(data)
+            else:
+                self._input_ended()
+
+    def _input_ended(self) -> None:
+        """recv returned b"": the client's end, or the server shutting our read side."""
+        if self._forced is not None:
+            self.force(self._forced)
+        elif self.core.stopping:
+            pending = _read_pending(self.sock)
+            if pending:
+                self.data_received(pending)
+            self.stop()
+            self.data_received(b"")  # the read side is shut: nothing more will come
+        else:
+            self.data_received(b"")
+
+    def refused(self) -> None:
+        """Carry out a refusal here, in the accept thread: the reply went with `admit`; read
+        what the client already sent (so closing does not reset the reply) and close. The
+        linger is left out: it would cost a thread for every refused client."""
+        _read_pending(self.sock)
+        self.sock.close()
+        self.lost(None)
+
+    def wake_to_stop(self) -> None:
+        """From the accept thread: wake this connection's thread to drain."""
+        _shutdown(self.sock, socket.SHUT_RD)
+
+    def force_from_outside(self, reason: CloseReason) -> None:
+        """From the accept thread: make this connection's thread abort, at once."""
+        if self._forced is None:
+            self._forced = reason
+        _shutdown(self.sock, socket.SHUT_RDWR)
+
+    # The mechanisms the session's commands use.
+
+    def write(self, data: bytes) -> None:
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self._send_blocked(memoryview(data)[sent:])
+
+    def _send_blocked(self, rest: memoryview) -> None:
+        """The client is not taking replies: wait in a blocking send, timed by the session."""
+        self.writing_blocked()
+        while rest and self.reading:
+            self._arm(socket.SO_SNDTIMEO)
+            try:
+                rest = rest[self.sock.send(rest) :]
+            except BlockingIOError:  # SO_SNDTIMEO: the timer fired
+                self.timer_fired()
+        if self.reading:
+            self.writing_resumed()
+
+    def shut_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.reading = False
+
+    def abort(self) -> None:
+        # SO_LINGER with a zero timeout: close() sends RST and drops what is queued.
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.reading = False
+
+    def pause_reading(self) -> None:
+        pass  # this thread is blocked in send: it reads again only when the send is done
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_timer(self, deadline: float | None) -> None:
+        self._deadline = deadline
+        self._timer_dirty = True
+
+    def _arm(self, option: int) -> None:
+        self._timer_dirty = False
+        seconds = 0.0 if self._deadline is None else max(self._deadline - monotonic(), 0.001)
+        whole = int(seconds)
+        timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+
+
 def _read_pending(sock: socket.socket) -> bytes:
-    """What the client had sent before the server stopped reading: the receive queue now."""
+    """What the client has sent that is queued in the kernel now, without waiting."""
     chunks = []
     while True:
         try:
             chunk = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+        except OSError:
             break
         if not chunk:
             break
@@ -230,33 +298,6 @@ def _read_pending(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def _linger(sock: socket.socket, conn: EchoConnection) -> None:
-    """Close our side, then read and discard until the client closes or `LINGER_TIMEOUT`.
-
-    Closing a socket with unread input makes the kernel send RST, which can destroy replies the
-    client has not read yet; reading first lets them arrive.
-    """
-    sock.shutdown(socket.SHUT_WR)
-    deadline = time.monotonic() + LINGER_TIMEOUT
-    try:
-        while (remaining := deadline - time.monotonic()) > 0:
-            sock.settimeout(remaining)
-            data = sock.recv(RECV_SIZE)
-            if not data:
-                break
-            conn.receive_data(data)
-    except OSError:  # timed out, or reset: either way the client had its chance
-        pass
-
-
-def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
-    # SO_SNDTIMEO bounds only sends; a blocked send then fails with EAGAIN (BlockingIOError).
-    # Python's own timeout would also end idle reads, which must wait for as long as it takes.
-    whole = int(seconds)
-    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
 def _shutdown(sock: socket.socket, how: int) -> None:
-    with contextlib.suppress(OSError):  # the peer may be gone already
+    with contextlib.suppress(OSError):  # the peer may be gone already, or the socket closed
         sock.shutdown(how)

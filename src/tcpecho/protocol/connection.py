@@ -57,6 +57,8 @@ class EchoConnection:
         self.error: LineTooLong | None = None
         self.bytes_received = 0
         self.bytes_discarded = 0
+        self._confirmed = 0  # bytes of confirmations sent (echo needs no count: see bytes_replied)
+        self._errors = 0  # bytes of error replies sent
         self._reply = make_reply(reply, framing, confirm_prefix)
         self._exact = reply == "echo"
         self._lines = LineSplitter(max_line_length) if framing == "line" else None
@@ -71,8 +73,45 @@ class EchoConnection:
             self.bytes_received += len(data)
             self._frames = None
             self._read = data
-            return data if self._exact else self._reply(data)
+            return data if self._exact else self._confirm(data)
         return self._receive(data)
+
+    @property
+    def bytes_replied(self) -> int:
+        """Bytes returned for sending. An exact echo returns every byte it received, but for
+        those discarded and those of an unfinished line, so it needs no count per read."""
+        if self._exact:
+            replied = self.bytes_received - self.bytes_discarded - self.partial_line_length
+            return replied + self._errors
+        return self._confirmed + self._errors
+
+    @property
+    def partial_line_length(self) -> int:
+        """Bytes of a line that has not ended yet (line framing; else 0)."""
+        return self._lines.pending_length if self._lines is not None else 0
+
+    @property
+    def has_partial_line(self) -> bool:
+        return self.partial_line_length > 0
+
+    def drop_partial_line(self) -> int:
+        """Forget the unfinished line (counted as discarded); return its length."""
+        dropped = self.partial_line_length
+        if self._lines is not None:
+            self._lines.flush_unchecked()
+        self.bytes_discarded += dropped
+        return dropped
+
+    def end_input(self) -> None:
+        """Answer nothing more: what comes now is discarded (an unfinished line too)."""
+        if self.state is State.OPEN:
+            self.drop_partial_line()
+            self.state = State.DONE
+
+    def _confirm(self, data: bytes) -> bytes:
+        out = self._reply(data)
+        self._confirmed += len(out)
+        return out
 
     @property
     def frames(self) -> Sequence[bytes]:
@@ -93,11 +132,11 @@ class EchoConnection:
             except LineTooLong as exc:
                 return self._reject(exc)
             self._frames = (rest,) if rest else ()
-            return self._reply(rest) if rest else b""
+            return self._replies(self._frames)
         self.bytes_received += len(data)
         if lines is None:
             self._frames = (data,)
-            return self._reply(data)
+            return self._replies(self._frames)
         try:
             self._frames = lines.feed(data)
         except LineTooLong as exc:
@@ -109,11 +148,16 @@ class EchoConnection:
         self.error = exc
         self.bytes_discarded += exc.discarded
         self._frames = exc.lines
-        return self._replies(exc.lines) + line_too_long_reply(exc.max_length)
+        error = line_too_long_reply(exc.max_length)
+        self._errors += len(error)
+        return self._replies(exc.lines) + error
 
     def _replies(self, frames: Sequence[bytes]) -> bytes:
         reply = self._reply
-        return b"".join([reply(frame) for frame in frames])
+        out = b"".join([reply(frame) for frame in frames])
+        if not self._exact:
+            self._confirmed += len(out)
+        return out
 
 
 _OPEN = State.OPEN

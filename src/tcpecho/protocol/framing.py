@@ -67,6 +67,17 @@ class LineSplitter:
             raise LineTooLong(self.max_length, [], len(rest))
         return rest
 
+    @property
+    def pending_length(self) -> int:
+        """Bytes of the line not yet ended."""
+        return len(self._pending)
+
+    def flush_unchecked(self) -> bytes:
+        """Return and forget the unterminated tail, whatever its length."""
+        rest = bytes(self._pending)
+        self._pending.clear()
+        return rest
+
     def _check_pending(self, lines: list[bytes]) -> None:
         """Raise `LineTooLong` (after ``lines``) if the unterminated tail is already too long."""
         # One byte of slack: a pending "\r" may still become the "\r\n" of a full-length line.

@@ -1,0 +1,109 @@
+"""Who may connect: access lists and connection limits, decided on addresses and counts alone.
+
+Pure: no sockets, no clock. An engine asks `Admission.admit` for every accepted connection,
+and calls `Admission.release` when an admitted one ends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+
+from tcpecho.protocol.session import CloseReason
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# A thread costs about 25 KiB plus its stack; an asyncio connection a few KiB. This bound keeps
+# a flood of clients from exhausting descriptors or memory; raise it for load tests.
+DEFAULT_MAX_CONNECTIONS = 1024
+# One address may hold at most this many connections, so a single host cannot take every slot
+# of --max-connections from everyone else. Generous for people and for NAT; a load test from one
+# host, or a proxy that does not send the PROXY protocol, needs it raised (0: no limit).
+DEFAULT_MAX_PER_ADDRESS = 256
+
+
+def parse_network(text: str) -> Network:
+    """``10.0.0.0/8``, ``2001:db8::/32`` or a single address. Raises ValueError.
+
+    Host bits are allowed (``10.1.2.3/8`` means ``10.0.0.0/8``), as in most firewalls.
+    """
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+def client_address(host: str) -> IPAddress | None:
+    """The address a peer's host string names; IPv4-mapped IPv6 as plain IPv4. None when it
+    is not an IP address at all."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True, slots=True)
+class AccessList:
+    """``deny`` wins over ``allow``; an empty ``allow`` allows every address not denied."""
+
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+
+    def permits(self, address: IPAddress) -> bool:
+        if any(address in network for network in self.deny):
+            return False
+        return not self.allow or any(address in network for network in self.allow)
+
+
+class Admission:
+    """Counts admitted connections, in all and per address, and refuses those over a limit.
+
+    Not thread-safe: a threaded caller holds its own lock around `admit` and `release`.
+    """
+
+    def __init__(
+        self,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
+        access: AccessList | None = None,
+    ) -> None:
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.access = access or AccessList()
+        self.active = 0
+        self._per_address: Counter[str] = Counter()
+
+    def admit(self, host: str, *, stopping: bool = False) -> CloseReason | None:
+        """Admit a client from ``host`` (and count it), or say why not.
+
+        A denied address is refused before anything else: it learns nothing, not even that
+        the server is busy.
+        """
+        address = client_address(host)
+        if address is not None and not self.access.permits(address):
+            return CloseReason.REFUSED_DENIED
+        if stopping:
+            return CloseReason.REFUSED_STOPPING
+        if self.active >= self.max_connections:
+            return CloseReason.REFUSED_BUSY
+        key = str(address) if address is not None else host
+        if self.max_per_address and self._per_address[key] >= self.max_per_address:
+            return CloseReason.REFUSED_PER_ADDRESS
+        self.active += 1
+        self._per_address[key] += 1
+        return None
+
+    def release(self, host: str) -> None:
+        """An admitted client from ``host`` is gone."""
+        address = client_address(host)
+        key = str(address) if address is not None else host
+        self.active -= 1
+        self._per_address[key] -= 1
+        if self._per_address[key] <= 0:
+            del self._per_address[key]
+
+    def connections_from(self, host: str) -> int:
+        address = client_address(host)
+        return self._per_address[str(address) if address is not None else host]
