@@ -98,19 +98,18 @@ class AsyncioEngine:
         # out of descriptors alike (uvloop would accept and drop such clients silently).
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
+            accepted = self.core.accept(listener)
+            if accepted is None:
                 return
-            except OSError as exc:
-                pause = self.core.accept_failed(exc)
-                if pause:
-                    loop.remove_reader(listener.fileno())
-                    self._retries[listener.fileno()] = loop.call_later(
-                        pause, self._resume_accepting, listener
-                    )
-                    return
-                continue
+            if isinstance(accepted, float):
+                if not accepted:
+                    continue
+                loop.remove_reader(listener.fileno())
+                self._retries[listener.fileno()] = loop.call_later(
+                    accepted, self._resume_accepting, listener
+                )
+                return
+            sock, address = accepted
             sock.setblocking(False)
             protocol = LoopConnection(self, address)
             task = loop.create_task(loop.connect_accepted_socket(_factory(protocol), sock))

@@ -10,6 +10,7 @@ connections: admission, the event stream, the accept-error policy and the drain.
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -134,15 +135,23 @@ class EngineCore(Generic[DriverT]):
         for frame in driver.session.frames:
             self.emit(Message(driver.peer, frame))
 
-    def accept_failed(self, exc: OSError) -> float:
-        """Log an accept error; return how long to pause accepting (0: go on at once).
+    def accept(self, listener: socket.socket) -> tuple[socket.socket, Address] | float | None:
+        """Accept one connection, under the one accept policy of every engine.
 
-        Out of descriptors or memory, accepting pauses and retries; it never ends the loop.
-        Any other error is a connection that failed before it was accepted.
+        Returns the new socket and the peer's address; None when no connection is waiting;
+        a float after an error (logged, at most once a second): 0.0 when a connection failed
+        before it was accepted (go on), else how long to pause accepting, because the process
+        is out of descriptors or memory. An accept error never ends the accept loop.
         """
-        retrying = exc.errno in ACCEPT_RETRY_ERRNOS
-        self.emit(AcceptFailed(exc.strerror or str(exc), retrying))
-        return ACCEPT_RETRY_DELAY if retrying else 0.0
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            retrying = exc.errno in ACCEPT_RETRY_ERRNOS
+            self.emit(AcceptFailed(exc.strerror or str(exc), retrying))
+            return ACCEPT_RETRY_DELAY if retrying else 0.0
+        return sock, address
 
     def drain_started(self) -> list[DriverT]:
         """Stop admitting; return the connections to drain (emits Draining)."""

@@ -98,17 +98,14 @@ class ThreadedEngine:
             self._wake_r.recv(4096)
 
     def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError):
+        accepted = self.core.accept(listener)
+        if isinstance(accepted, float) and accepted and self._wake_r is not None:
+            # A pause that a stop still ends at once (the listener, still readable, is not
+            # watched meanwhile).
+            select.select([self._wake_r], [], [], accepted)
+        if not isinstance(accepted, tuple):
             return
-        except OSError as exc:
-            pause = self.core.accept_failed(exc)
-            if pause and self._wake_r is not None:
-                # A pause that a stop still ends at once (the listener, still readable, is not
-                # watched meanwhile).
-                select.select([self._wake_r], [], [], pause)
-            return
+        sock, address = accepted
         sock.setblocking(True)
         conn = ThreadConnection(self, sock, address)
         if not conn.admit():
