@@ -350,7 +350,8 @@ class Session:
     def _track_line(self, now: float) -> None:
         if not self._conn.has_partial_line:
             self._line_started = None
-        elif self._line_started is None:
+        elif self._line_started is None or self._conn.frames:
+            # A new line began in this read (after the lines it completed, if any).
             self._line_started = now
             self._check_deadline()
 
