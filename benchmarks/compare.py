@@ -444,7 +444,7 @@ def parse_scenarios(text: str) -> list[Scenario]:
     return found
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0, help="seconds a run (default 3)")
     parser.add_argument(
@@ -475,7 +475,11 @@ def main() -> int:
     parser.add_argument("--json", help="write the summary, the ratios and every sample here")
     parser.add_argument("--markdown", help="write the tables here")
     parser.add_argument("--chart", help="write a PNG chart of the ratios to C here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if shutil.which("taskset") is None:
         print("taskset (util-linux) is needed to pin the server and the load", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ def test_a_stopping_server_refuses_everyone_but_the_denied_get_no_reason() -> No
 
 @pytest.mark.parametrize("text", ["10.0.0.0/33", "not-an-address", "", "1.2.3.4/"])
 def test_a_bad_network_is_a_value_error(text: str) -> None:
-    with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6|not a valid"):
+    with pytest.raises(ValueError, match=r"does not appear to be an IPv4 or IPv6|not a valid"):
         parse_network(text)
 
 
