@@ -7,12 +7,13 @@ with running_server(ServerConfig(host="127.0.0.1", port=0)) as server:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tcpecho.config import ServerConfig
 from tcpecho.engines import Engine, Summary, create_engine
+from tcpecho.events import Consumer
 from tcpecho.net import Address
 
 
@@ -41,13 +42,17 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(config: ServerConfig | None = None) -> Iterator[RunningServer]:
+def running_server(
+    config: ServerConfig | None = None, consumers: Iterable[Consumer] = ()
+) -> Iterator[RunningServer]:
     """Start a server (default: 127.0.0.1, a port the OS picks), yield it, stop it on exit.
 
     It is listening when the block starts. On exit it stops like Ctrl-C: drain, then close.
+    ``consumers`` are called with every server event (tcpecho.events), from the server's
+    threads: ``running_server(consumers=[events.append])`` records them.
     """
     config = config or ServerConfig(host="127.0.0.1", port=0)
-    engine = create_engine(config)
+    engine = create_engine(config, consumers)
     server = RunningServer(engine, engine.start())
 
     def serve() -> None:

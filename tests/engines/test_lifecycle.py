@@ -1,0 +1,261 @@
+"""The connection lifecycle on every engine: timeouts, admission and the drain, as a client
+sees them and as the server's events tell them."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, suppress
+from typing import Any
+
+import pytest
+
+from tcpecho.config import ServerConfig
+from tcpecho.events import Closed, Draining, Event, Opened, Refused
+from tcpecho.protocol import CloseReason
+from tcpecho.protocol.session import TOO_MANY_FROM_ADDRESS_REPLY, line_timeout_reply
+from tcpecho.testing import RunningServer, running_server
+from tests.conftest import connect, engine_options, recv_exactly, recv_until_closed
+
+# A timeout is enforced within this long after it is due (the issue's promise).
+SLACK = 0.5
+
+
+class Observed:
+    """A server and the events it emitted."""
+
+    def __init__(self, server: RunningServer, events: list[Event]) -> None:
+        self.server = server
+        self.events = events
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def wait_for(self, kind: type[Any], count: int = 1, timeout: float = 10.0) -> list[Any]:
+        """The events of ``kind``, once there are ``count`` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [event for event in self.events if isinstance(event, kind)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.01)
+
+
+Start = Callable[..., Observed]
+
+
+@pytest.fixture
+def observe(engine: str) -> Iterator[Start]:
+    """Start a server of each engine with ServerConfig options; record its events."""
+    with ExitStack() as stack:
+
+        def start(**options: Any) -> Observed:
+            config = ServerConfig(
+                **{"host": "127.0.0.1", "port": 0, "drain_timeout": 2.0, **options},
+                **engine_options(engine),
+            )
+            events: list[Event] = []
+            server = stack.enter_context(running_server(config, [events.append]))
+            return Observed(server, events)
+
+        yield start
+
+
+def closed_reasons(observed: Observed, count: int = 1) -> list[CloseReason]:
+    return [event.reason for event in observed.wait_for(Closed, count)]
+
+
+def test_an_idle_client_is_closed_after_the_idle_timeout(observe: Start) -> None:
+    observed = observe(idle_timeout=1.0)
+    with connect(observed.address) as sock:
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+        quiet_since = time.monotonic()
+        assert recv_until_closed(sock) == b""
+        idle = time.monotonic() - quiet_since
+    assert 1.0 - 0.05 <= idle <= 1.0 + SLACK
+    assert closed_reasons(observed) == [CloseReason.IDLE_TIMEOUT]
+
+
+def test_a_client_that_keeps_talking_is_never_idle(observe: Start) -> None:
+    observed = observe(idle_timeout=0.5)
+    with connect(observed.address) as sock:
+        for _ in range(8):  # 2 s in all, four idle timeouts
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+            time.sleep(0.25)
+    assert closed_reasons(observed) == [CloseReason.CLIENT_CLOSED]
+
+
+def test_slowloris_gets_an_error_line_after_the_line_timeout_then_the_end(
+    observe: Start,
+) -> None:
+    """A byte every 0.2 s never finishes a line: the line timeout counts from its first byte."""
+    observed = observe(framing="line", line_timeout=1.0)
+    received = bytearray()
+    with connect(observed.address) as sock:
+        sock.sendall(b"done\n")
+        assert recv_exactly(sock, 5) == b"done\n"
+        first_byte = time.monotonic()
+        sock.setblocking(False)
+        while time.monotonic() - first_byte < 3.0:
+            try:
+                sock.send(b"s")
+                chunk = sock.recv(1024)
+            except BlockingIOError:
+                time.sleep(0.2)
+                continue
+            except OSError:
+                break
+            received += chunk
+            if not chunk:
+                break
+        ended = time.monotonic() - first_byte
+    assert bytes(received) == line_timeout_reply(1.0)
+    assert 1.0 <= ended <= 1.0 + SLACK + 0.2
+    assert closed_reasons(observed) == [CloseReason.LINE_TIMEOUT]
+
+
+def flood_until_reset(sock: socket.socket, deadline: float) -> None:
+    """Send without ever reading, until the server resets the connection (or ``deadline``)."""
+    while time.monotonic() < deadline:
+        try:
+            sock.send(b"x" * 65536)
+        except BlockingIOError:
+            time.sleep(0.01)
+
+
+def test_a_client_that_never_reads_is_cut_off_not_reading(observe: Start) -> None:
+    observed = observe(write_timeout=1.0)
+    sock = connect(observed.address)
+    try:
+        sock.setblocking(False)
+        started = time.monotonic()
+        with pytest.raises(ConnectionResetError):  # the server's abort ends the flood
+            flood_until_reset(sock, started + 20)
+        [closed] = observed.wait_for(Closed)
+    finally:
+        sock.close()
+    assert closed.reason is CloseReason.NOT_READING
+    assert closed.duration < 10
+
+
+def test_over_max_per_address_a_client_is_told_why_and_a_freed_place_is_reused(
+    observe: Start,
+) -> None:
+    observed = observe(max_per_address=2)
+    first, second = connect(observed.address), connect(observed.address)
+    try:
+        for sock in (first, second):
+            sock.sendall(b"hi")
+            assert recv_exactly(sock, 2) == b"hi"
+        with connect(observed.address) as third:
+            assert recv_until_closed(third) == TOO_MANY_FROM_ADDRESS_REPLY
+        [refused] = observed.wait_for(Refused)
+        assert refused.reason is CloseReason.REFUSED_PER_ADDRESS
+        first.close()
+        observed.wait_for(Closed)
+        with connect(observed.address) as fourth:
+            fourth.sendall(b"again")
+            assert recv_exactly(fourth, 5) == b"again"
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize(
+    "access", [{"deny": ("127.0.0.0/8",)}, {"allow": ("10.0.0.0/8", "::1")}], ids=["deny", "allow"]
+)
+def test_a_denied_client_is_closed_at_once_with_no_reply(
+    observe: Start, access: dict[str, tuple[str, ...]]
+) -> None:
+    observed = observe(**access)
+    with connect(observed.address) as sock:
+        sock.sendall(b"let me in")
+        # Closed with our bytes unread, the kernel may reset: no reply either way.
+        with suppress(ConnectionResetError):
+            assert recv_until_closed(sock) == b""
+    [refused] = observed.wait_for(Refused)
+    assert refused.reason is CloseReason.REFUSED_DENIED
+    assert not [event for event in observed.events if isinstance(event, Opened)]
+
+
+def test_stopping_logs_how_many_connections_it_drains(observe: Start) -> None:
+    observed = observe()
+    clients = [connect(observed.address) for _ in range(3)]
+    try:
+        for sock in clients:
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+        stopper = threading.Thread(target=observed.server.stop)
+        stopper.start()
+        for sock in clients:
+            assert recv_until_closed(sock) == b""
+        stopper.join(10)
+    finally:
+        for sock in clients:
+            sock.close()
+    [draining] = observed.wait_for(Draining)
+    assert draining.connections == 3
+    assert closed_reasons(observed, 3) == [CloseReason.SERVER_STOPPING] * 3
+
+
+def test_every_refused_and_closed_connection_is_counted_in_the_summary(observe: Start) -> None:
+    observed = observe(max_connections=1)
+    with connect(observed.address) as sock:
+        sock.sendall(b"abc")
+        assert recv_exactly(sock, 3) == b"abc"
+        for _ in range(3):
+            with connect(observed.address) as refused:
+                recv_until_closed(refused)
+    observed.wait_for(Closed)
+    summary = observed.server.stop(timeout=10)
+    assert (summary.connections, summary.refused, summary.bytes_echoed) == (1, 3, 3)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_the_reason_text_reaches_the_log_line(observe: Start) -> None:
+    logger = logging.getLogger("tcpecho.server")
+    handler = Records()
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        observed = observe(idle_timeout=0.3)
+        with connect(observed.address) as sock:
+            assert recv_until_closed(sock) == b""
+        observed.wait_for(Closed)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [r.getMessage() for r in handler.records if getattr(r, "tag", "") == "DISCONNECTED"]
+    assert len(lines) == 1
+    assert "closed: idle (--idle-timeout)" in lines[0]
+
+
+def test_ipv6_clients_are_admitted_and_denied_by_their_address(observe: Start) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        observed = observe(host="::1", deny=("::1/128",))
+    except OSError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"cannot listen on ::1: {exc}")
+    with (
+        socket.create_connection(observed.address[:2], timeout=10) as sock,
+        suppress(ConnectionResetError),
+    ):
+        assert recv_until_closed(sock) == b""
+    [refused] = observed.wait_for(Refused)
+    assert refused.reason is CloseReason.REFUSED_DENIED
