@@ -54,10 +54,9 @@ def observe(engine: str) -> Iterator[Start]:
     with ExitStack() as stack:
 
         def start(**options: Any) -> Observed:
-            config = ServerConfig(
-                **{"host": "127.0.0.1", "port": 0, "drain_timeout": 2.0, **options},
-                **engine_options(engine),
-            )
+            settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "drain_timeout": 2.0}
+            settings.update(engine_options(engine), **options)
+            config = ServerConfig(**settings)
             events: list[Event] = []
             server = stack.enter_context(running_server(config, [events.append]))
             return Observed(server, events)
