@@ -163,6 +163,7 @@ class ThreadConnection(Driver):
         super().__init__(engine.core, address)
         self.engine = engine
         self.sock = sock
+        self._send = sock.send  # bound once: the per-read path
         self.reading = True
         self._deadline: float | None = None
         self._timer_dirty = False
@@ -233,7 +234,7 @@ class ThreadConnection(Driver):
 
     def write(self, data: bytes) -> None:
         try:
-            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            sent = self._send(data, _DONTWAIT)
         except BlockingIOError:
             sent = 0
         if sent < len(data):
@@ -279,6 +280,9 @@ class ThreadConnection(Driver):
         whole = int(seconds)
         timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
         self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+
+
+_DONTWAIT = socket.MSG_DONTWAIT  # a send that would block returns at once: see _send_blocked
 
 
 def _read_pending(sock: socket.socket) -> bytes:
