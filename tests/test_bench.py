@@ -19,7 +19,7 @@ from tcpecho.bench import BenchOptions, run
 from tcpecho.bench.payload import HEADER, Payloads, classify
 from tcpecho.config import ServerConfig
 from tcpecho.testing import RunningServer, running_server
-from tests.conftest import ROOT, recv_exactly
+from tests.helpers import ROOT, recv_exactly
 
 SIZE = 64
 QUICK = ["--warmup", "0"]

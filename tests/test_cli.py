@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import tcpecho
-from tests.conftest import (
+from tests.helpers import (
     ENGINE_VARIANTS,
     ROOT,
     ServerProcess,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     ENGINE_VARIANTS,
     ROOT,
     ServerProcess,
