@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 
 from tcpecho.config import ServerConfig
 from tcpecho.testing import RunningServer, running_server
-from tests.helpers import ENGINE_VARIANTS, ServerFactory, engine_options
+from tests.helpers import ENGINE_VARIANTS, ServerFactory, engine_options, require_variant
 
 # Property tests run beside servers under load: a slow example is not a failure.
 settings.register_profile("tcpecho", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -24,8 +24,12 @@ settings.load_profile("tcpecho")
 
 @pytest.fixture(params=list(ENGINE_VARIANTS))
 def engine(request: pytest.FixtureRequest) -> str:
-    """Each engine variant in turn: a test that takes it runs once per engine and loop."""
+    """Each engine variant in turn: a test that takes it runs once per engine and loop.
+
+    A variant that cannot run here (uvloop not installed) is skipped, or failed in CI.
+    """
     name: str = request.param
+    require_variant(name)
     return name
 
 

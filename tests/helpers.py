@@ -43,13 +43,18 @@ ENGINE_VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def engine_options(variant: str) -> dict[str, str]:
-    """ServerConfig options for ``variant``; skipped (failed in CI) when uvloop is missing."""
+def require_variant(variant: str) -> None:
+    """Whether ``variant`` can run here: skipped (failed in CI) when uvloop is missing."""
     if variant == "uvloop" and importlib.util.find_spec("uvloop") is None:
         message = "uvloop is not installed (it is in the test extras)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+def engine_options(variant: str) -> dict[str, str]:
+    """ServerConfig options for ``variant``; skipped (failed in CI) when uvloop is missing."""
+    require_variant(variant)
     return ENGINE_VARIANTS[variant]
 
 
