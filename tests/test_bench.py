@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -19,7 +20,7 @@ from tcpecho.bench import BenchOptions, run
 from tcpecho.bench.payload import HEADER, Payloads, classify
 from tcpecho.config import ServerConfig
 from tcpecho.testing import RunningServer, running_server
-from tests.conftest import ROOT, recv_exactly
+from tests.helpers import ROOT, recv_exactly
 
 SIZE = 64
 QUICK = ["--warmup", "0"]
@@ -91,8 +92,32 @@ def faulty_server(
 _CLOSE = b"<close>"
 
 
-def bench(address: tuple[str, int], **options: object) -> dict[str, object]:
-    settings: dict[str, object] = {
+def p90_us(report: dict[str, object]) -> float:
+    """The report's 90th percentile latency in µs (``latency_us`` maps names to numbers)."""
+    latency = report["latency_us"]
+    assert isinstance(latency, dict), latency
+    p90 = latency["p90"]
+    assert isinstance(p90, int | float), latency
+    return p90
+
+
+class BenchSettings(TypedDict, total=False):
+    """BenchOptions' fields after host and port: what a test may set."""
+
+    connections: int
+    size: int
+    duration: float | None
+    requests: int | None
+    pipeline: int
+    warmup: float
+    rate: float | None
+    timeout: float
+    processes: int
+    seed: int
+
+
+def bench(address: tuple[str, int], **options: Unpack[BenchSettings]) -> dict[str, object]:
+    settings: BenchSettings = {
         "connections": 2,
         "size": SIZE,
         "duration": None,
@@ -101,7 +126,7 @@ def bench(address: tuple[str, int], **options: object) -> dict[str, object]:
         "timeout": 3.0,
     }
     settings.update(options)
-    return run(BenchOptions(address[0], address[1], **settings))  # type: ignore[arg-type]
+    return run(BenchOptions(address[0], address[1], **settings))
 
 
 def test_a_correct_server_passes_with_every_byte_checked(server: RunningServer) -> None:
@@ -209,8 +234,8 @@ def test_open_loop_latency_shows_a_stall_that_closed_loop_hides() -> None:
         closed_loop = bench(address, connections=4, requests=None, duration=1.5)
     assert open_loop["ok"]
     assert closed_loop["ok"]
-    open_p90 = open_loop["latency_us"]["p90"]  # type: ignore[index]
-    closed_p90 = closed_loop["latency_us"]["p90"]  # type: ignore[index]
+    open_p90 = p90_us(open_loop)
+    closed_p90 = p90_us(closed_loop)
     assert open_p90 >= 50_000
     assert closed_p90 < open_p90
 

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 import tcpecho
-from tests.conftest import (
-    ENGINE_VARIANTS,
+from tests.helpers import (
     ROOT,
     ServerProcess,
     connect,
@@ -312,8 +311,13 @@ def test_a_port_out_of_range_exits_2_with_one_line() -> None:
 # Stopping
 
 
-@pytest.mark.parametrize("engine", ENGINE_VARIANTS)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.fixture(params=[signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def sig(request: pytest.FixtureRequest) -> signal.Signals:
+    """Each stopping signal in turn (a fixture, like ``engine``, so the ids read SIG-engine)."""
+    signum: signal.Signals = request.param
+    return signum
+
+
 def test_a_signal_echoes_what_a_client_sent_then_exits_0_with_the_summary(
     sig: signal.Signals, engine: str
 ) -> None:
@@ -337,7 +341,6 @@ def test_a_signal_echoes_what_a_client_sent_then_exits_0_with_the_summary(
     assert stderr == ""
 
 
-@pytest.mark.parametrize("engine", ENGINE_VARIANTS)
 def test_a_second_sigint_stops_a_draining_server_at_once(engine: str) -> None:
     """With --drain-timeout 30 and a client that never reads its echo, the first Ctrl-C
     leaves the server draining; the second ends it within seconds, exit 0, no traceback."""
@@ -499,7 +502,6 @@ def test_console_lines_for_a_real_nc_session() -> None:
         stop(server)
 
 
-@pytest.mark.parametrize("engine", ENGINE_VARIANTS)
 def test_each_fault_during_a_session_is_one_log_line_and_the_server_goes_on(engine: str) -> None:
     """A reset, a client that connects and closes at once, one that half-closes, and one that
     leaves while its echo is on the way (broken pipe): one [DISCONNECTED] line each, no

@@ -15,7 +15,7 @@ import pytest
 
 from tcpecho.client import EchoClient
 from tcpecho.testing import running_server
-from tests.conftest import ROOT, ServerProcess
+from tests.helpers import ROOT, ServerProcess
 
 PYTHON = sys.executable
 CLIENT = str(ROOT / "tcp_client.py")

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import (
-    ENGINE_VARIANTS,
+from tests.helpers import (
     ROOT,
     ServerProcess,
     connect,
@@ -45,7 +44,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.parametrize("engine", ENGINE_VARIANTS)
 def test_a_client_that_never_reads_cannot_grow_server_memory(engine: str) -> None:
     """200 MiB sent without reading: RSS stays within 64 MiB of idle, others are served,
     and the stuck client is cut off after --write-timeout with one log line."""
@@ -78,7 +76,6 @@ def test_a_client_that_never_reads_cannot_grow_server_memory(engine: str) -> Non
             hog.close()
 
 
-@pytest.mark.parametrize("engine", ENGINE_VARIANTS)
 def test_out_of_descriptors_the_server_waits_then_serves_again(engine: str) -> None:
     """EMFILE neither ends the accept loop nor spins the CPU; freed descriptors serve again."""
     server = [sys.executable, "-u", str(ROOT / "tcp_server.py"), *engine_arguments(engine), "-q"]

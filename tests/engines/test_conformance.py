@@ -15,7 +15,7 @@ import pytest
 
 from tcpecho.protocol import BUSY_REPLY
 from tcpecho.testing import RunningServer
-from tests.conftest import (
+from tests.helpers import (
     ServerFactory,
     connect,
     recv_exactly,
