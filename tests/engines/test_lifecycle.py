@@ -18,7 +18,7 @@ from tcpecho.events import Closed, Draining, Event, Opened, Refused
 from tcpecho.protocol import CloseReason
 from tcpecho.protocol.session import TOO_MANY_FROM_ADDRESS_REPLY, line_timeout_reply
 from tcpecho.testing import RunningServer, running_server
-from tests.conftest import connect, engine_options, recv_exactly, recv_until_closed
+from tests.helpers import connect, engine_options, recv_exactly, recv_until_closed
 
 # A timeout is enforced within this long after it is due (the promise).
 SLACK = 0.5
