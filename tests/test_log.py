@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import unicodedata
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +15,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpecho.log import MAX_LOGGED_BYTES, ConsoleFormatter, JsonFormatter, escape
+from tcpecho.events import Closed, Refused
+from tcpecho.log import (
+    MAX_LOGGED_BYTES,
+    WARNING_INTERVAL,
+    ConsoleFormatter,
+    EventLog,
+    JsonFormatter,
+    RateLimited,
+    escape,
+)
+from tcpecho.protocol import CloseReason
 
 # Characters that reorder text on a terminal: bidi embeddings, overrides and isolates.
 BIDI_REORDERING = {*range(0x202A, 0x202F), *range(0x2066, 0x206A)}
@@ -236,3 +247,78 @@ def test_json_format_is_one_ascii_line_that_parses_back_for_any_text(
     assert len(line.splitlines()) == 1
     entry = json.loads(line)
     assert entry["message"] == message
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_kind_of_warning_passes_once_a_second_with_the_count_it_held() -> None:
+    clock = Clock()
+    limit = RateLimited(clock)
+    assert limit.allow("busy") == 0
+    assert [limit.allow("busy") for _ in range(5)] == [None] * 5
+    assert limit.allow("denied") == 0  # each kind on its own
+    clock.now = WARNING_INTERVAL
+    assert limit.allow("busy") == 5
+    assert limit.allow("busy") is None
+
+
+class Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def server_log() -> Iterator[Captured]:
+    logger = logging.getLogger("tcpecho.server")
+    handler, level = Captured(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_a_flood_of_refusals_is_one_line_per_reason_and_second(server_log: Captured) -> None:
+    log = EventLog()
+    for port in range(1000):
+        log(Refused(f"127.0.0.1:{port}", CloseReason.REFUSED_BUSY))
+        log(Refused(f"127.0.0.2:{port}", CloseReason.REFUSED_PER_ADDRESS))
+    lines = [record.getMessage() for record in server_log.records]
+    assert lines == [
+        "127.0.0.1:0 refused: server busy (--max-connections)",
+        "127.0.0.2:0 refused: too many connections from this address (--max-per-address)",
+    ]
+
+
+def test_a_closed_connection_is_one_line_with_its_reason_counts_and_discards(
+    server_log: Captured,
+) -> None:
+    EventLog()(
+        Closed(
+            "127.0.0.1:5000",
+            CloseReason.LINE_TOO_LONG,
+            "",
+            bytes_received=70000,
+            bytes_sent=60,
+            bytes_discarded=69990,
+            discard_reason="line too long",
+            bytes_unsent=0,
+            duration=1.25,
+        )
+    )
+    [record] = server_log.records
+    assert record.getMessage() == (
+        "127.0.0.1:5000 closed: line too long (--max-line-length) (70000 bytes received, 60 sent,"
+        " 69990 discarded (line too long), 1.2s)"
+    )
+    assert record.__dict__["fields"]["reason"] == "line_too_long"
