@@ -27,7 +27,6 @@ from tcpecho.engines.base import (
 from tcpecho.errors import ConfigError
 from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
-from tcpecho.protocol import CloseReason
 
 
 def load_uvloop(choice: LoopName) -> ModuleType | None:
@@ -160,9 +159,9 @@ class AsyncioEngine:
             await asyncio.wait_for(self._all_closed.wait(), self.config.drain_timeout)
         except TimeoutError:
             for conn in self.core.drain_timed_out():
-                conn.force(CloseReason.DRAIN_TIMEOUT)
+                conn.drain_expired()
         for conn in list(self.live):
-            conn.force(CloseReason.FORCED_STOP)
+            conn.stop_at_once()
         for _ in range(10):  # an abort calls connection_lost on a later turn of the loop
             if not self.live:
                 break

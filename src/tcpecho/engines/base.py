@@ -232,9 +232,17 @@ class Driver:
         self.send(self.session.stop(monotonic()))
 
     def force(self, reason: CloseReason) -> None:
-        """Close at once (a second stop signal, the drain timeout)."""
+        """Close at once, for ``reason``."""
         self.session.abort(reason)
         self.carry_out()
+
+    def drain_expired(self) -> None:
+        """The drain timeout passed with this connection still open."""
+        self.force(CloseReason.DRAIN_TIMEOUT)
+
+    def stop_at_once(self) -> None:
+        """A second stop signal: no more waiting."""
+        self.force(CloseReason.FORCED_STOP)
 
     def lost(self, exc: BaseException | None, unsent: int = 0) -> None:
         """The connection is gone (``exc``: the error that ended it)."""

@@ -39,7 +39,7 @@ class ThreadedEngine:
         self._listeners: list[socket.socket] = []
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._threads: dict[ThreadConnection, threading.Thread] = {}
+        self._threads: set[ThreadConnection] = set()  # each with its thread started
         self._threads_lock = threading.Lock()
 
     def start(self) -> list[Address]:
@@ -111,20 +111,19 @@ class ThreadedEngine:
         if not conn.admit():
             conn.refused()
             return
-        thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}")
         with self._threads_lock:
-            self._threads[conn] = thread
+            self._threads.add(conn)
         try:
-            thread.start()
+            conn.thread.start()
         except RuntimeError as exc:  # "can't start new thread": out of memory or a ulimit
             with self._threads_lock:
-                del self._threads[conn]
+                self._threads.discard(conn)
             conn.lost(exc)
             sock.close()
 
     def connection_ended(self, conn: ThreadConnection) -> None:
         with self._threads_lock:
-            self._threads.pop(conn, None)
+            self._threads.discard(conn)
         if self.core.stopping:
             self.wake()
 
@@ -138,15 +137,15 @@ class ThreadedEngine:
             remaining = deadline - monotonic()
             if remaining <= 0:
                 for conn in self.core.drain_timed_out():
-                    conn.force_from_outside(CloseReason.DRAIN_TIMEOUT)
+                    conn.drain_expired()
                 break
             if selector.select(remaining):  # a connection ended, or a second stop
                 self._clear_wake()
         with self._threads_lock:
-            threads = list(self._threads.items())
-        for conn, thread in threads:
-            conn.force_from_outside(CloseReason.FORCED_STOP)
-            thread.join()
+            left = list(self._threads)
+        for conn in left:
+            conn.stop_at_once()
+            conn.thread.join()
 
 
 class ThreadConnection(Driver):
@@ -162,6 +161,7 @@ class ThreadConnection(Driver):
     def __init__(self, engine: ThreadedEngine, sock: socket.socket, address: Address) -> None:
         super().__init__(engine.core, address)
         self.engine = engine
+        self.thread = threading.Thread(target=self.run, name=f"conn-{self.peer}")
         self.sock = sock
         self._send = sock.send  # bound once: the per-read path
         self.reading = True
@@ -177,7 +177,7 @@ class ThreadConnection(Driver):
         except OSError as exc:
             error = exc
             if self._forced is not None:
-                self.session.abort(self._forced)
+                super().force(self._forced)
         finally:
             self.sock.close()
             self.lost(error)
@@ -202,7 +202,7 @@ class ThreadConnection(Driver):
     def _input_ended(self) -> None:
         """recv returned b"": the client's end, or the server shutting our read side."""
         if self._forced is not None:
-            self.force(self._forced)
+            super().force(self._forced)
         elif self.core.stopping:
             pending = _read_pending(self.sock)
             if pending:
@@ -224,8 +224,12 @@ class ThreadConnection(Driver):
         """From the accept thread: wake this connection's thread to drain."""
         _shutdown(self.sock, socket.SHUT_RD)
 
-    def force_from_outside(self, reason: CloseReason) -> None:
-        """From the accept thread: make this connection's thread abort, at once."""
+    def force(self, reason: CloseReason) -> None:
+        """From any thread: this connection's thread aborts at once (the shutdown wakes it,
+        and it tells the session)."""
+        if threading.current_thread() is self.thread:
+            super().force(reason)
+            return
         if self._forced is None:
             self._forced = reason
         _shutdown(self.sock, socket.SHUT_RDWR)
