@@ -205,6 +205,22 @@ def test_address_in_use_exits_3_with_one_line_naming_the_address_and_port_option
         stop(first)
 
 
+@pytest.mark.parametrize("first_workers", ["1", "2"])
+def test_workers_on_a_port_in_use_exit_3_with_one_line_before_any_worker_starts(
+    first_workers: str,
+) -> None:
+    """The supervisor binds before it forks, without SO_REUSEPORT: a second ``--workers``
+    server cannot join the first one's port (with SO_REUSEPORT it could)."""
+    with ServerProcess(*LOCAL, "--workers", first_workers) as first:
+        port = first.wait_listening()
+        result = run_to_exit("--host", "127.0.0.1", "--port", str(port), "--workers", "2")
+        assert_one_line_error(result, 3, f"127.0.0.1:{port}", "Address already in use")
+        with connect(("127.0.0.1", port)) as sock:
+            sock.sendall(b"still here\n")
+            assert recv_exactly(sock, 11) == b"still here\n"
+        stop(first)
+
+
 def nobody_python() -> str:
     """A Python interpreter that the user nobody can run, or skip."""
     setpriv = shutil.which("setpriv")

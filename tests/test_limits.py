@@ -1,15 +1,11 @@
-"""Limits and defences that need a server of their own: memory, descriptors, workers."""
+"""Limits and defences that need a server of their own: memory, descriptors."""
 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
-
-import pytest
 
 from tests.helpers import (
     ROOT,
@@ -27,15 +23,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (an exited one nobody reaped yet is a zombie: no)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def cpu_seconds(pid: int) -> float:
@@ -108,65 +95,3 @@ def test_out_of_descriptors_the_server_waits_then_serves_again(engine: str) -> N
     finally:
         proc.kill()
         proc.communicate(timeout=10)
-
-
-def test_workers_share_the_port_and_a_dead_worker_is_replaced() -> None:
-    with ServerProcess("--host", "127.0.0.1", "--port", "0", "--workers", "2") as server:
-        port = server.wait_listening()
-        pids = {}
-        for _ in range(2):
-            match = re.search(r"worker (\d) \(pid (\d+)\) listening", server.wait_for("listening"))
-            assert match
-            pids[int(match[1])] = int(match[2])
-        seen: set[str] = set()
-        for attempt in range(200):
-            with connect(("127.0.0.1", port)) as sock:
-                sock.sendall(b"%d\n" % attempt)
-                assert recv_exactly(sock, len(b"%d\n" % attempt)) == b"%d\n" % attempt
-            seen.add(server.wait_for("[NEW CONNECTION]").rsplit("(", 1)[1])
-            if len(seen) == 2:
-                break
-        assert seen == {"worker 1)\n", "worker 2)\n"}
-        os.kill(pids[1], signal.SIGKILL)
-        assert "restarting" in server.wait_for("was killed by SIGKILL")
-        assert "worker 1 (pid" in server.wait_for("listening")  # its replacement
-        for _ in range(20):
-            with connect(("127.0.0.1", port)) as sock:
-                sock.sendall(b"after\n")
-                assert recv_exactly(sock, 6) == b"after\n"
-        server.proc.send_signal(signal.SIGINT)
-        assert server.proc.wait(timeout=20) == 0
-        assert server.wait_for("all 2 workers stopped")
-    for pid in pids.values():
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-
-
-def test_supervisor_banner_is_printed_once() -> None:
-    with ServerProcess("--host", "127.0.0.1", "--port", "0", "--workers", "2") as server:
-        server.wait_listening()
-        server.wait_for("listening")
-        server.wait_for("listening")
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(timeout=20) == 0
-        assert server.proc.stdout is not None
-        rest = server.proc.stdout.read()
-    assert "SERVER STARTING" not in rest
-
-
-def test_workers_do_not_outlive_a_killed_supervisor() -> None:
-    """SIGKILL to the supervisor: its workers stop too, and nobody is left on the port."""
-    with ServerProcess("--host", "127.0.0.1", "--port", "0", "--workers", "2") as server:
-        port = server.wait_listening()
-        pids = [int(re.findall(r"pid (\d+)", server.wait_for("listening"))[0]) for _ in range(2)]
-        server.proc.kill()
-        server.proc.wait(timeout=10)
-        assert server.proc.stdout is not None
-        server.proc.stdout.read()  # end of file once every worker has exited
-    # End of file comes when a worker closes its files, a moment before it is a zombie.
-    deadline = time.monotonic() + 5
-    while [pid for pid in pids if running(pid)] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not [pid for pid in pids if running(pid)]
-    with pytest.raises(ConnectionRefusedError):
-        connect(("127.0.0.1", port)).close()

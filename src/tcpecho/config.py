@@ -68,10 +68,12 @@ class ServerConfig:
     line_timeout: float = DEFAULT_LINE_TIMEOUT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     workers: int = 1
-    # Set by the supervisor for its worker processes: the worker's number (0: no workers), and
-    # SO_REUSEPORT so that every worker listens on the same port.
+    # Set by the supervisor for its worker processes: the worker's number (0: no workers).
     worker: int = 0
-    reuse_port: bool = False
+    # Listen on these already-listening sockets instead of binding host and port: the
+    # supervisor's, inherited by its workers across fork, so that the accept queue outlives
+    # any worker (systemd's socket activation can pass its descriptors the same way).
+    listen_fds: tuple[int, ...] = ()
     log_level: LogLevel = "info"
     log_format: LogFormat = "console"
     log_messages: bool = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -133,6 +134,7 @@ class EventLog:
     def __init__(self, *, log_messages: bool = True, worker: int = 0) -> None:
         self.logger = logging.getLogger("tcpecho.server")
         self.log_messages = log_messages
+        self._number = worker
         self._worker = f" (worker {worker})" if worker else ""
         self._limit = RateLimited()
 
@@ -177,17 +179,24 @@ class EventLog:
                 remaining=event.remaining,
             )
         elif isinstance(event, Stopped):
-            summary = event.summary
-            self._info(
-                "SERVER STOPPED",
-                "%d connections served, %d bytes echoed%s",
-                summary.connections,
-                summary.bytes_echoed,
-                self._worker,
-                connections=summary.connections,
-                bytes_echoed=summary.bytes_echoed,
-                refused=summary.refused,
-            )
+            self._stopped(event)
+
+    def _stopped(self, event: Stopped) -> None:
+        # A worker's own line has a tag of its own, so that [SERVER STOPPED] is only ever the
+        # server's total (the supervisor's, with workers).
+        summary = event.summary
+        worker = f"worker {self._number} (pid {os.getpid()}): " if self._number else ""
+        self._info(
+            "WORKER STOPPED" if self._number else "SERVER STOPPED",
+            "%s%d connections served, %d bytes echoed",
+            worker,
+            summary.connections,
+            summary.bytes_echoed,
+            **({"worker": self._number} if self._number else {}),
+            connections=summary.connections,
+            bytes_echoed=summary.bytes_echoed,
+            refused=summary.refused,
+        )
 
     def _message(self, event: Message) -> None:
         if self.logger.isEnabledFor(logging.INFO):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
+from tcpecho.config import ServerConfig
 from tcpecho.errors import (
     AddressInUse,
     AddressNotAvailable,
@@ -29,13 +30,32 @@ def format_address(address: tuple[object, ...]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def open_listeners(
-    host: str, port: int, backlog: int | None, *, reuse_port: bool = False
-) -> list[socket.socket]:
-    """Bind and listen on every address ``host`` resolves to, non-blocking.
+def listening_sockets(config: ServerConfig) -> list[socket.socket]:
+    """The sockets a server accepts on, listening and non-blocking: ``config.listen_fds``
+    wrapped when given (they are listening already), else bound to host and port.
 
-    With ``backlog`` None the sockets are bound but not listening: that reserves the port (with
-    ``reuse_port``, for worker processes that then listen on it) without taking connections.
+    Raises `HostNotFound` or a `BindError` when binding fails. The caller closes the sockets
+    (closing a wrapped one closes that descriptor in this process only).
+    """
+    if not config.listen_fds:
+        return open_listeners(config.host, config.port, config.backlog)
+    listeners: list[socket.socket] = []
+    try:
+        for fd in config.listen_fds:
+            sock = socket.socket(fileno=fd)  # family and type are read from the descriptor
+            listeners.append(sock)
+            # Shared with every process that holds the descriptor; accepting must not block
+            # when another process took the connection first.
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+def open_listeners(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Bind and listen on every address ``host`` resolves to, non-blocking.
 
     With port 0 the OS picks a port, and every further address gets that same port. Raises
     `HostNotFound` or a `BindError`; on error no socket is left open. The caller closes the
@@ -57,7 +77,7 @@ def open_listeners(
             sockaddr = resolved
             if port == 0 and listeners:
                 sockaddr = (resolved[0], listeners[0].getsockname()[1], *resolved[2:])
-            listeners.append(_listen(family, kind, proto, sockaddr, backlog, reuse_port))
+            listeners.append(_listen(family, kind, proto, sockaddr, backlog))
     except BaseException:
         for sock in listeners:
             sock.close()
@@ -66,25 +86,17 @@ def open_listeners(
 
 
 def _listen(
-    family: int,
-    kind: int,
-    proto: int,
-    sockaddr: tuple[object, ...],
-    backlog: int | None,
-    reuse_port: bool,
+    family: int, kind: int, proto: int, sockaddr: tuple[object, ...], backlog: int
 ) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         # A server restarted right after a stop must bind again despite TIME_WAIT connections.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "::" must not also claim IPv4, so that "0.0.0.0" and "::" can be bound together.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        if backlog is not None:
-            sock.listen(backlog)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +20,8 @@ from tcpecho import net
 from tcpecho.config import ServerConfig
 from tcpecho.engines import Summary, create_engine
 from tcpecho.errors import TcpEchoError, WorkersFailing
+from tcpecho.events import Stopped
+from tcpecho.log import EventLog
 from tcpecho.net import Address, format_address
 
 logger = logging.getLogger("tcpecho.server")
@@ -65,19 +70,6 @@ def _log_banner(addresses: list[Address]) -> None:
     )
 
 
-def _log_summary(summary: Summary, worker: str = "") -> None:
-    logger.info(
-        "%s%d connections served, %d bytes echoed",
-        worker,
-        summary.connections,
-        summary.bytes_echoed,
-        extra={
-            "tag": "SERVER STOPPED",
-            "fields": {"connections": summary.connections, "bytes_echoed": summary.bytes_echoed},
-        },
-    )
-
-
 @contextmanager
 def stop_on_signals(stop: Callable[..., None]) -> Iterator[None]:
     """Call ``stop()`` on the first SIGINT/SIGTERM and ``stop(force=True)`` on the next.
@@ -104,76 +96,157 @@ def stop_on_signals(stop: Callable[..., None]) -> Iterator[None]:
 
 
 def _serve_workers(config: ServerConfig) -> Summary:
-    """Fork ``config.workers`` processes that listen on one port with SO_REUSEPORT.
+    """Listen here, then fork ``config.workers`` processes that accept on these sockets.
 
-    This process reserves the port (bound, not listening, so it takes no connections), prints
-    the banner once, restarts a worker that dies, and forwards SIGINT/SIGTERM to the workers as
-    SIGTERM: the first makes them drain, the second makes them stop at once. Raises
-    `WorkersFailing` when workers keep dying as soon as they start.
+    The workers inherit the listening sockets, so the accept queue belongs to this process and
+    outlives any worker: connections waiting in it when a worker dies are accepted by another.
+    This process prints the banner once, restarts a worker that dies, forwards SIGINT/SIGTERM
+    to the workers as SIGTERM (the first makes them drain, the second stop at once), and logs
+    the sum of the summaries they report. Raises `HostNotFound` or a `BindError` when it cannot
+    listen, `WorkersFailing` when workers keep dying as soon as they start.
     """
-    reserved = net.open_listeners(config.host, config.port, None, reuse_port=True)
-    addresses: list[Address] = [sock.getsockname()[:2] for sock in reserved]
-    worker_config = dataclasses.replace(config, port=addresses[0][1], workers=1, reuse_port=True)
-    create_engine(worker_config)  # a bad choice (say, --loop uvloop without uvloop) fails here
-    workers: dict[int, tuple[int, float]] = {}  # pid → (worker number, when it started)
-    stopping = False
-    quick_deaths = 0
+    listeners = net.open_listeners(config.host, config.port, config.backlog)
+    try:
+        fds = tuple(sock.fileno() for sock in listeners)
+        worker_config = dataclasses.replace(config, workers=1, listen_fds=fds)
+        create_engine(worker_config)  # a bad choice (say, --loop uvloop without uvloop) fails here
+        workers = _Workers(worker_config, listeners)
+        _log_banner([sock.getsockname()[:2] for sock in listeners])
+        with stop_on_signals(workers.stop):
+            total = workers.run(config.workers)
+    finally:
+        for sock in listeners:
+            sock.close()
+    EventLog()(Stopped(total))
+    return total
 
-    def forward(force: bool = False) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in workers:
+
+@dataclasses.dataclass
+class _Worker:
+    number: int
+    pid: int
+    started: float  # time.monotonic()
+    report: int  # the read end of the pipe the worker writes its summary to as it exits
+
+
+class _Workers:
+    """The supervisor's worker processes: starts them, restarts one that dies, stops them all,
+    and adds up the summaries they report."""
+
+    def __init__(self, config: ServerConfig, listeners: list[socket.socket]) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.running: dict[int, _Worker] = {}  # by pid
+        self.stopping = False
+        self.quick_deaths = 0
+        self.total = Summary()
+
+    def run(self, count: int) -> Summary:
+        """Serve with ``count`` workers until they have all stopped; return their total."""
+        for number in range(1, count + 1):
+            self.spawn(number)
+        while self.running:
+            pid, status = os.wait()
+            self.reap(self.running.pop(pid), status)
+        return self.total
+
+    def stop(self, force: bool = False) -> None:
+        """Called from the signal handler: forward the stop to every worker."""
+        self.stopping = True
+        # The listening sockets close once the workers have closed theirs too: from then on a
+        # connect is refused, as with a single server, instead of queueing where nobody accepts.
+        for sock in self.listeners:
+            sock.close()
+        for pid in self.running:
             os.kill(pid, signal.SIGTERM)
 
-    def spawn(number: int) -> None:
-        # Signals wait until the new worker is in `workers`, so that forward() reaches it.
+    def spawn(self, number: int) -> None:
+        # Signals wait until the new worker is in `running`, so that stop() reaches it.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            if not stopping:
-                config = dataclasses.replace(worker_config, worker=number)
-                workers[_fork_worker(config, blocked)] = (number, time.monotonic())
+            if self.stopping:
+                return
+            report, writer = os.pipe()
+            try:
+                config = dataclasses.replace(self.config, worker=number)
+                pid = _fork_worker(config, blocked, writer)
+            except BaseException:
+                os.close(report)
+                raise
+            finally:
+                # Only the worker may hold the write end: its exit is then the pipe's end.
+                os.close(writer)
+            os.set_blocking(report, False)
+            self.running[pid] = _Worker(number, pid, time.monotonic(), report)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
-    _log_banner(addresses)
+    def reap(self, worker: _Worker, status: int) -> None:
+        """Count what an exited worker reported; restart it unless the server is stopping."""
+        summary = _read_report(worker.report)
+        if summary is not None:
+            self.total = _add(self.total, summary)
+        uncounted = "; what it served is not counted in the summary" if summary is None else ""
+        if self.stopping:
+            if summary is None:
+                _warn(worker, f"{_describe_status(status)}{uncounted}")
+            return
+        lived = time.monotonic() - worker.started
+        self.quick_deaths = self.quick_deaths + 1 if lived < WORKER_MIN_LIFETIME else 0
+        _warn(worker, f"{_describe_status(status)} after {lived:.1f}s{uncounted}; restarting it")
+        if self.quick_deaths >= MAX_QUICK_DEATHS:
+            self.stop()
+            for pid in list(self.running):
+                _, status = os.waitpid(pid, 0)
+                self.reap(self.running.pop(pid), status)
+            raise WorkersFailing(self.quick_deaths, WORKER_MIN_LIFETIME)
+        time.sleep(WORKER_RESTART_DELAY)
+        self.spawn(worker.number)
+
+
+def _warn(worker: _Worker, what: str) -> None:
+    logger.warning(
+        "worker %d (pid %d) %s",
+        worker.number,
+        worker.pid,
+        what,
+        extra={"tag": "WORKER", "fields": {"worker": worker.number, "pid": worker.pid}},
+    )
+
+
+def _read_report(fd: int) -> Summary | None:
+    """The summary a worker wrote to its pipe as it exited; None if it wrote none (killed, or
+    failed). Closes ``fd``."""
     try:
-        with stop_on_signals(forward):
-            for number in range(1, config.workers + 1):
-                spawn(number)
-            while workers:
-                pid, status = os.wait()
-                number, started = workers.pop(pid)
-                if stopping:
-                    continue
-                lived = time.monotonic() - started
-                quick_deaths = quick_deaths + 1 if lived < WORKER_MIN_LIFETIME else 0
-                logger.warning(
-                    "worker %d (pid %d) %s after %.1fs; restarting it",
-                    number,
-                    pid,
-                    _describe_status(status),
-                    lived,
-                    extra={"tag": "WORKER", "fields": {"worker": number, "pid": pid}},
-                )
-                if quick_deaths >= MAX_QUICK_DEATHS:
-                    forward()
-                    for pid in list(workers):
-                        os.waitpid(pid, 0)
-                    raise WorkersFailing(quick_deaths, WORKER_MIN_LIFETIME)
-                time.sleep(WORKER_RESTART_DELAY)
-                spawn(number)
+        # The worker has exited, and its one small write was atomic: all of it is here.
+        data = os.read(fd, 65536)
+    except BlockingIOError:
+        data = b""
     finally:
-        for sock in reserved:
-            sock.close()
-    logger.info("all %d workers stopped", config.workers, extra={"tag": "SERVER STOPPED"})
-    return Summary()
+        os.close(fd)
+    try:
+        reported = json.loads(data)
+        return Summary(**{f.name: int(reported[f.name]) for f in dataclasses.fields(Summary)})
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
-def _fork_worker(config: ServerConfig, signal_mask: set[int | signal.Signals]) -> int:
+def _add(total: Summary, more: Summary) -> Summary:
+    """Field by field, so that a field added to Summary is summed too."""
+    return Summary(
+        **{
+            f.name: getattr(total, f.name) + getattr(more, f.name)
+            for f in dataclasses.fields(Summary)
+        }
+    )
+
+
+def _fork_worker(config: ServerConfig, signal_mask: set[int | signal.Signals], report: int) -> int:
     """Start one worker process; return its pid. The child never returns from here.
 
     Called with the stop signals blocked; the child restores ``signal_mask`` once its own
-    handlers are in place.
+    handlers are in place. The child writes its summary to the descriptor ``report`` as one
+    JSON line when it has stopped.
     """
     supervisor = os.getpid()
     pid = os.fork()
@@ -199,7 +272,12 @@ def _fork_worker(config: ServerConfig, signal_mask: set[int | signal.Signals]) -
         )
         with stop_on_signals(engine.stop):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            engine.serve()
+            summary = engine.serve()  # it logs its own line, [WORKER STOPPED]
+            # Still under the engine's handlers, so that a second stop arriving now cannot end
+            # this worker before it has reported.
+            line = json.dumps(dataclasses.asdict(summary)) + "\n"
+            with contextlib.suppress(OSError):  # the supervisor is gone (killed): nobody asks
+                os.write(report, line.encode())
         code = 0
     except TcpEchoError as exc:
         logger.error("worker %d: %s", config.worker, exc, extra={"tag": "WORKER"})

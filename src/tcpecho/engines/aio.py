@@ -79,12 +79,7 @@ class AsyncioEngine:
         self._loop = loop
         loop.set_exception_handler(self._loop_exception)
         try:
-            self._listeners = net.open_listeners(
-                self.config.host,
-                self.config.port,
-                self.config.backlog,
-                reuse_port=self.config.reuse_port,
-            )
+            self._listeners = net.listening_sockets(self.config)
         except BaseException:
             loop.close()
             raise

@@ -43,12 +43,7 @@ class ThreadedEngine:
         self._threads_lock = threading.Lock()
 
     def start(self) -> list[Address]:
-        self._listeners = net.open_listeners(
-            self.config.host,
-            self.config.port,
-            self.config.backlog,
-            reuse_port=self.config.reuse_port,
-        )
+        self._listeners = net.listening_sockets(self.config)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
