@@ -504,7 +504,9 @@ def main() -> int:
         samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for repeat in range(args.repeats):
             for scenario in scenarios:
-                for server in chosen:
+                # Every other round runs in reverse (A B C, C B A, ...), so that a drift of
+                # the machine during a round favours neither the first nor the last server.
+                for server in chosen if repeat % 2 == 0 else chosen[::-1]:
                     with running(server) as (port, pid):
                         report = measure(port, pid, scenario, args.duration, args.warmup)
                     report["repeat"] = repeat

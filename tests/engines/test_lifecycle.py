@@ -15,7 +15,7 @@ import pytest
 
 from tcpecho.config import ServerConfig
 from tcpecho.events import Closed, Draining, Event, Opened, Refused
-from tcpecho.protocol import CloseReason
+from tcpecho.protocol import BUSY_REPLY, CloseReason
 from tcpecho.protocol.session import TOO_MANY_FROM_ADDRESS_REPLY, line_timeout_reply
 from tcpecho.testing import RunningServer, running_server
 from tests.helpers import connect, engine_options, recv_exactly, recv_until_closed
@@ -258,3 +258,22 @@ def test_ipv6_clients_are_admitted_and_denied_by_their_address(observe: Start) -
         assert recv_until_closed(sock) == b""
     [refused] = observed.wait_for(Refused)
     assert refused.reason is CloseReason.REFUSED_DENIED
+
+
+def test_a_refused_client_that_keeps_sending_still_reads_the_whole_reason(
+    observe: Start,
+) -> None:
+    """The refusal lingers (reads and discards) on every engine, so the reply is not destroyed
+    by a reset when the client sent something first."""
+    observed = observe(max_connections=1)
+    with connect(observed.address) as holder:
+        holder.sendall(b"x")
+        assert recv_exactly(holder, 1) == b"x"
+        for _ in range(20):
+            with connect(observed.address) as refused:
+                refused.sendall(b"please" * 1000)
+                got = recv_exactly(refused, len(BUSY_REPLY))
+                refused.sendall(b"still here")
+                assert got == BUSY_REPLY
+                assert recv_until_closed(refused) == b""
+    assert len(observed.wait_for(Refused, 20)) == 20

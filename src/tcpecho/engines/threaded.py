@@ -64,6 +64,7 @@ class ThreadedEngine:
         if self._wake_r is None:
             raise RuntimeError("start() first")
         with selectors.DefaultSelector() as selector:
+            self._refused = Refused(selector)
             selector.register(self._wake_r, selectors.EVENT_READ)
             try:
                 self._accept_until_stopped(selector)
@@ -81,11 +82,15 @@ class ThreadedEngine:
         for listener in self._listeners:
             selector.register(listener, selectors.EVENT_READ, data=listener)
         while not self._stop_requested:
-            for key, _ in selector.select():
+            for key, _ in selector.select(self._refused.timeout()):
                 if key.data is None:
                     self._clear_wake()
+                elif isinstance(key.data, ThreadConnection):
+                    self._refused.readable(key.data)
                 elif not self._stop_requested:
                     self._accept(key.data)
+            self._refused.expire()
+        self._refused.close_all()
 
     def _clear_wake(self) -> None:
         assert self._wake_r is not None
@@ -104,8 +109,9 @@ class ThreadedEngine:
         sock.setblocking(True)
         conn = ThreadConnection(self, sock, address)
         if not conn.admit():
-            conn.refused()
+            self._refused.add(conn)
             return
+        conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}")
         with self._threads_lock:
             self._threads.add(conn)
         try:
@@ -143,6 +149,61 @@ class ThreadedEngine:
             conn.thread.join()
 
 
+class Refused:
+    """Refused connections, carried out by the accept thread with its selector rather than a
+    thread each: the session's reply went with `Driver.admit`; here they linger (read and
+    discard) until the client closes or the session's deadline, like any connection."""
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self._selector = selector
+        self._lingering: set[ThreadConnection] = set()
+
+    def add(self, conn: ThreadConnection) -> None:
+        if not conn.reading:  # the session closed it at once (a denied client)
+            self._close(conn)
+            return
+        conn.sock.setblocking(False)
+        self._selector.register(conn.sock, selectors.EVENT_READ, data=conn)
+        self._lingering.add(conn)
+
+    def timeout(self) -> float | None:
+        """How long the accept loop may wait before a refused connection's deadline."""
+        deadlines = [conn.deadline for conn in self._lingering if conn.deadline is not None]
+        return max(min(deadlines) - monotonic(), 0.0) if deadlines else None
+
+    def readable(self, conn: ThreadConnection) -> None:
+        try:
+            conn.data_received(conn.sock.recv(RECV_SIZE))
+        except BlockingIOError:
+            return
+        except OSError:
+            conn.reading = False
+        self._end_if_done(conn)
+
+    def expire(self) -> None:
+        now = monotonic()
+        for conn in list(self._lingering):
+            if conn.deadline is not None and conn.deadline <= now:
+                conn.timer_fired()
+                self._end_if_done(conn)
+
+    def close_all(self) -> None:
+        for conn in list(self._lingering):
+            conn.reading = False
+            self._end_if_done(conn)
+
+    def _end_if_done(self, conn: ThreadConnection) -> None:
+        if not conn.reading:
+            self._lingering.discard(conn)
+            self._selector.unregister(conn.sock)
+            self._close(conn)
+
+    @staticmethod
+    def _close(conn: ThreadConnection) -> None:
+        conn.sock.close()
+        conn.lost(None)
+
+
 class ThreadConnection(Driver):
     """One connection, served by the thread that calls `run` (blocking socket).
 
@@ -156,11 +217,11 @@ class ThreadConnection(Driver):
     def __init__(self, engine: ThreadedEngine, sock: socket.socket, address: Address) -> None:
         super().__init__(engine.core, address)
         self.engine = engine
-        self.thread = threading.Thread(target=self.run, name=f"conn-{self.peer}")
+        self.thread = _NO_THREAD  # until admitted: a refused client never gets one
         self.sock = sock
         self._send = sock.send  # bound once: the per-read path
         self.reading = True
-        self._deadline: float | None = None
+        self.deadline: float | None = None
         self._timer_dirty = False
         self._rearm_every_read = self.session.settings.framing == "line"
         self._forced: CloseReason | None = None
@@ -206,14 +267,6 @@ class ThreadConnection(Driver):
             self.data_received(b"")  # the read side is shut: nothing more will come
         else:
             self.data_received(b"")
-
-    def refused(self) -> None:
-        """Carry out a refusal here, in the accept thread: the reply went with `admit`; read
-        what the client already sent (so closing does not reset the reply) and close. The
-        linger is left out: it would cost a thread for every refused client."""
-        _read_pending(self.sock)
-        self.sock.close()
-        self.lost(None)
 
     def wake_to_stop(self) -> None:
         """From the accept thread: wake this connection's thread to drain."""
@@ -270,17 +323,18 @@ class ThreadConnection(Driver):
         pass
 
     def set_timer(self, deadline: float | None) -> None:
-        self._deadline = deadline
+        self.deadline = deadline
         self._timer_dirty = True
 
     def _arm(self, option: int) -> None:
         self._timer_dirty = False
-        seconds = 0.0 if self._deadline is None else max(self._deadline - monotonic(), 0.001)
+        seconds = 0.0 if self.deadline is None else max(self.deadline - monotonic(), 0.001)
         whole = int(seconds)
         timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
         self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
 
+_NO_THREAD = threading.Thread(name="none")  # never started
 _DONTWAIT = socket.MSG_DONTWAIT  # a send that would block returns at once: see _send_blocked
 
 
