@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
+import struct
+import termios
 
 from tcpecho.config import ServerConfig
 from tcpecho.errors import (
@@ -116,3 +119,14 @@ def describe_os_error(exc: OSError) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return exc.strerror or str(exc)
+
+
+def unread_bytes(fd: int) -> int:
+    """Bytes in a connected socket's receive queue, not read yet (FIONREAD). Raises OSError."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+def unsent_bytes(fd: int) -> int:
+    """Bytes sent on a connected TCP socket that the peer has not acknowledged yet (SIOCOUTQ,
+    which Linux numbers as TIOCOUTQ). Raises OSError."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])

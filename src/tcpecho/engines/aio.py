@@ -246,6 +246,15 @@ class LoopConnection(Driver, asyncio.BufferedProtocol):
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def unread(self) -> int:
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            return net.unread_bytes(sock.fileno())
+        except OSError:
+            return 0
+
     def set_timer(self, deadline: float | None) -> None:
         if deadline is None:
             self._cancel_timer()

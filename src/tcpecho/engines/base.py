@@ -228,8 +228,13 @@ class Driver:
         self.carry_out()
 
     def stop(self) -> None:
-        """The server is stopping: answer what was received, then half-close and linger."""
-        self.send(self.session.stop(monotonic()))
+        """The server is stopping: answer what was received (what the kernel holds too),
+        then half-close and linger."""
+        self.send(self.session.stop(monotonic(), self.unread()))
+
+    def unread(self) -> int:
+        """Bytes the kernel has received on this connection that were not read yet."""
+        return 0
 
     def force(self, reason: CloseReason) -> None:
         """Close at once, for ``reason``."""

@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from time import monotonic
 
@@ -306,7 +307,23 @@ class ThreadConnection(Driver):
             self.writing_resumed()
 
     def shut_write(self) -> None:
+        if self.core.stopping:
+            self._wait_acknowledged()
         self.sock.shutdown(socket.SHUT_WR)
+
+    def _wait_acknowledged(self) -> None:
+        """Wait (up to `ACK_WAIT`) until the client has acknowledged every reply.
+
+        Draining shut this socket's read side to wake the thread. Once our end is sent too,
+        Linux answers any more data from the client with a reset, and a reset drops the replies
+        still in flight; so the end goes only after they have arrived. Meanwhile more data from
+        the client is only queued. There is no event for "acknowledged", hence the short sleeps.
+        """
+        deadline = monotonic() + ACK_WAIT
+        fd = self.sock.fileno()
+        with contextlib.suppress(OSError):
+            while net.unsent_bytes(fd) and self._forced is None and monotonic() < deadline:
+                time.sleep(ACK_POLL)
 
     def close(self) -> None:
         self.reading = False
@@ -335,6 +352,10 @@ class ThreadConnection(Driver):
         self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
 
+# Draining: how long a connection waits for the client to acknowledge its last replies before
+# it sends its end (see _wait_acknowledged), and how often it looks.
+ACK_WAIT = 2.0
+ACK_POLL = 0.005
 _NO_THREAD = threading.Thread(name="none")  # never started
 _DONTWAIT = socket.MSG_DONTWAIT  # a send that would block returns at once: see _send_blocked
 

@@ -202,6 +202,7 @@ class Session:
         self._announced: float | None = None  # the deadline the engine last asked for
         self._extra_sent = 0  # bytes the session itself wrote (errors, refusals)
         self._discard_reason = ""
+        self._stop_after: int | None = None  # stopping: answer input up to this many bytes
 
     # What the engine feeds in.
 
@@ -258,10 +259,22 @@ class Session:
         self.commands.append(Command.CLOSE)
         return b""
 
-    def stop(self, now: float) -> bytes:
-        """The server is stopping: answer what was received, then half-close and linger."""
-        if self.state is not State.OPEN:
+    def stop(self, now: float, unread: int = 0) -> bytes:
+        """The server is stopping: answer what was received, then half-close and linger.
+
+        ``unread``: bytes the client had sent before the stop that the kernel holds and the
+        engine has not read yet. They were received too, so they are answered as they are
+        read; the session finishes after the last of them.
+        """
+        if self.state is not State.OPEN or self._stop_after is not None:
             return b""
+        if unread > 0:
+            self._fast = False
+            self._stop_after = self.bytes_received + unread
+            return b""
+        return self._stop_now(now)
+
+    def _stop_now(self, now: float) -> bytes:
         out = self._conn_receive(b"")  # the end of input: an unfinished line is answered too
         self._finish(CloseReason.SERVER_STOPPING, now)
         return out
@@ -327,25 +340,44 @@ class Session:
 
     def _receive(self, data: bytes, now: float) -> bytes:
         state = self.state
+        if state is State.OPEN and data and self._stop_after is not None:
+            return self._receive_while_stopping(data, now)
         if state is State.OPEN:
-            self._last_input = now
-            out = self._conn_receive(data)
-            conn_state = self._conn.state
-            if conn_state is ReplyState.REJECTED:
-                self._finish(CloseReason.LINE_TOO_LONG, now)
-            elif conn_state is ReplyState.DONE:
-                self.reason = CloseReason.CLIENT_CLOSED
-                self._fast = False
-                self._enter(State.CLOSING, now)
-                self.commands.append(Command.CLOSE)
-            elif self._lines:
-                self._track_line(now)
-            return out
+            return self._receive_open(data, now)
         self._conn_receive(data)  # counted as discarded
         if not data and state is State.LINGERING:
             self._enter(State.CLOSING, now)
             self.commands.append(Command.CLOSE)
         return b""
+
+    def _receive_while_stopping(self, data: bytes, now: float) -> bytes:
+        """Answer up to the last byte received before the stop, then finish; the rest is
+        discarded (counted)."""
+        assert self._stop_after is not None
+        room = self._stop_after - self.bytes_received
+        if len(data) < room:
+            return self._receive_open(data, now)
+        out = self._receive_open(data[:room], now)
+        if self.state is State.OPEN:
+            out += self._stop_now(now)
+        if len(data) > room:
+            self._conn_receive(data[room:])
+        return out
+
+    def _receive_open(self, data: bytes, now: float) -> bytes:
+        self._last_input = now
+        out = self._conn_receive(data)
+        conn_state = self._conn.state
+        if conn_state is ReplyState.REJECTED:
+            self._finish(CloseReason.LINE_TOO_LONG, now)
+        elif conn_state is ReplyState.DONE:
+            self.reason = CloseReason.CLIENT_CLOSED
+            self._fast = False
+            self._enter(State.CLOSING, now)
+            self.commands.append(Command.CLOSE)
+        elif self._lines:
+            self._track_line(now)
+        return out
 
     def _track_line(self, now: float) -> None:
         if not self._conn.has_partial_line:
