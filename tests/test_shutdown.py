@@ -29,6 +29,7 @@ class Client:
     # "idle"; "deaf": never reads.
     kind: str
     pattern: bytes
+    peer: str
     sent: int = 0
     echoed: bytearray = field(default_factory=bytearray)
     acked_at_signal: int = 0
@@ -43,28 +44,32 @@ def make_clients(port: int) -> list[Client]:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.setblocking(False)
         pattern = bytes((number + i) % 251 for i in range(CHUNK))
-        clients.append(Client(sock, kind, pattern))
+        clients.append(Client(sock, kind, pattern, peer="{}:{}".format(*sock.getsockname()[:2])))
     return clients
 
 
 def step(client: Client, now: float) -> None:
-    """Send what the client may, read what it should; note the end of stream."""
+    """Send what the client may, read what it should; note the end of stream. A failed send
+    (the server has closed) only stops the sending: the client still reads to the end."""
     if client.ended:
         return
-    try:
-        if client.kind in ("stream", "slow", "deaf") and client.sent < STREAM_CAP:
+    if client.kind in ("stream", "slow", "deaf") and client.sent < STREAM_CAP:
+        try:
             client.sent += client.sock.send(client.pattern)
-        reads = client.kind == "stream" or (client.kind == "slow" and now >= client.next_read)
-        if reads:
-            client.next_read = now + 0.01
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            client.sent = STREAM_CAP  # nothing more will be sent
+    if client.kind == "stream" or (client.kind == "slow" and now >= client.next_read):
+        client.next_read = now + 0.01
+        try:
             data = client.sock.recv(65536)
-            if not data:
-                client.ended = True
-            client.echoed += data
-    except (BlockingIOError, InterruptedError):
-        pass
-    except OSError:
-        client.ended = True
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        client.echoed += data
+        client.ended = not data
 
 
 def pump(clients: list[Client], until: float) -> None:
@@ -110,6 +115,7 @@ def test_sigterm_under_load_echoes_every_byte_received_and_exits_in_time(engine:
             run_to_the_end(clients, signalled + DRAIN_TIMEOUT + 5)
             code = server.proc.wait(timeout=DRAIN_TIMEOUT + 5)
             exited_after = time.monotonic() - signalled
+            log = server.lines + server.proc.stdout.readlines() if server.proc.stdout else []
         finally:
             for client in clients:
                 client.sock.close()
@@ -121,7 +127,10 @@ def test_sigterm_under_load_echoes_every_byte_received_and_exits_in_time(engine:
             continue
         assert bytes(client.echoed) == expected(client, len(client.echoed)), number
         lost = client.acked_at_signal - len(client.echoed)
-        assert lost <= 0, f"client {number} ({client.kind}): {lost} bytes received, not echoed"
+        assert lost <= 0, (
+            f"client {number} ({client.kind}): {lost} bytes received, not echoed; "
+            f"server: {[line for line in log if 'STOPP' in line or client.peer in line]}"
+        )
 
 
 def wait_refused(port: int, deadline: float) -> float:

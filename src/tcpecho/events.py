@@ -28,6 +28,22 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class MessagesHeld:
+    """A connection logged its quota of messages; the rest are echoed but not logged."""
+
+    peer: str
+    logged: int
+
+
+@dataclass(frozen=True, slots=True)
+class InternalError:
+    """An unexpected exception while handling one connection (a bug): that one is aborted."""
+
+    peer: str
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     peer: str
     reason: CloseReason
@@ -69,7 +85,18 @@ class Stopped:
     summary: Summary
 
 
-Event = Opened | Message | Closed | Refused | AcceptFailed | Draining | DrainTimedOut | Stopped
+Event = (
+    Opened
+    | Message
+    | MessagesHeld
+    | InternalError
+    | Closed
+    | Refused
+    | AcceptFailed
+    | Draining
+    | DrainTimedOut
+    | Stopped
+)
 Consumer = Callable[[Event], None]
 
 
@@ -96,10 +123,11 @@ class Counters:
     bytes_sent: int = 0
     bytes_discarded: int = 0
     accept_errors: int = 0
+    internal_errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Message):
+        if isinstance(event, Message | MessagesHeld):
             return
         with self._lock:
             if isinstance(event, Opened):
@@ -113,6 +141,8 @@ class Counters:
                 self.refused[event.reason] += 1
             elif isinstance(event, AcceptFailed):
                 self.accept_errors += 1
+            elif isinstance(event, InternalError):
+                self.internal_errors += 1
 
     def summary(self) -> Summary:
         with self._lock:

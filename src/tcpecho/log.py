@@ -23,7 +23,9 @@ from tcpecho.events import (
     Draining,
     DrainTimedOut,
     Event,
+    InternalError,
     Message,
+    MessagesHeld,
     Opened,
     Refused,
     Stopped,
@@ -158,6 +160,15 @@ class EventLog:
             )
         elif isinstance(event, Closed):
             self._closed(event)
+        elif isinstance(event, MessagesHeld):
+            self._info(
+                event.peer,
+                "%d messages logged; the rest are echoed but not logged",
+                event.logged,
+                peer=event.peer,
+            )
+        elif isinstance(event, InternalError):
+            self._internal_error(event)
         elif isinstance(event, Refused):
             self._refused(event)
         elif isinstance(event, AcceptFailed):
@@ -230,6 +241,27 @@ class EventLog:
             bytes_unsent=event.bytes_unsent,
             bytes_discarded=event.bytes_discarded,
             duration=round(event.duration, 3),
+        )
+
+    def _internal_error(self, event: InternalError) -> None:
+        error = event.error
+        held = self._limit.allow((InternalError, type(error)))
+        if held is None:
+            return
+        more = f" ({held} more since the last such line)" if held else ""
+        self.logger.error(
+            "%s: closed after an unexpected %s: %s%s",
+            event.peer,
+            type(error).__name__,
+            escape(str(error).encode()),
+            more,
+            extra={
+                "tag": "INTERNAL ERROR",
+                "fields": {"peer": event.peer, "error": type(error).__name__, "folded": held},
+            },
+        )
+        self.logger.debug(
+            "the traceback", exc_info=error, extra={"tag": "INTERNAL ERROR", "fields": {}}
         )
 
     def _refused(self, event: Refused) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tcpecho.config import ServerConfig
-from tcpecho.events import Closed, Draining, Event, Opened, Refused
+from tcpecho.events import Closed, Draining, Event, InternalError, Opened, Refused
 from tcpecho.protocol import BUSY_REPLY, CloseReason
 from tcpecho.protocol.session import TOO_MANY_FROM_ADDRESS_REPLY, line_timeout_reply
 from tcpecho.testing import RunningServer, running_server
@@ -277,3 +277,34 @@ def test_a_refused_client_that_keeps_sending_still_reads_the_whole_reason(
                 assert got == BUSY_REPLY
                 assert recv_until_closed(refused) == b""
     assert len(observed.wait_for(Refused, 20)) == 20
+
+
+def test_a_bug_in_one_connection_closes_it_alone_with_one_log_line(
+    observe: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply policy that raises (a test double) on one message: that connection is closed
+    and reported; the other client is served on, before and after."""
+
+    def make_faulty_reply(*args: object) -> Callable[[bytes], bytes]:
+        def reply(data: bytes) -> bytes:
+            if b"boom" in data:
+                raise ValueError("the reply policy broke")
+            return b"ok: " + data
+
+        return reply
+
+    monkeypatch.setattr("tcpecho.protocol.connection.make_reply", make_faulty_reply)
+    observed = observe(reply="confirm")
+    with connect(observed.address) as steady, connect(observed.address) as victim:
+        steady.sendall(b"one")
+        assert recv_exactly(steady, 7) == b"ok: one"
+        victim.sendall(b"boom")
+        with suppress(ConnectionResetError):
+            assert recv_until_closed(victim) == b""
+        steady.sendall(b"two")
+        assert recv_exactly(steady, 7) == b"ok: two"
+    [error] = observed.wait_for(InternalError)
+    assert isinstance(error.error, ValueError)
+    reasons = closed_reasons(observed, 2)
+    assert reasons.count(CloseReason.INTERNAL_ERROR) == 1
+    assert reasons.count(CloseReason.CLIENT_CLOSED) == 1

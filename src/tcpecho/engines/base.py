@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import socket
 import threading
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -26,7 +26,9 @@ from tcpecho.events import (
     Draining,
     DrainTimedOut,
     EventStream,
+    InternalError,
     Message,
+    MessagesHeld,
     Opened,
     Refused,
     Stopped,
@@ -42,6 +44,10 @@ from tcpecho.protocol import Admission, CloseReason, Command, Session
 WRITE_BUFFER_HIGH_WATER = 256 * 1024
 # Bytes asked of the OS per read: large enough that a 64 KiB message is one read.
 RECV_SIZE = 64 * 1024
+# At the default level each message received is a log line; a connection logs at most this many
+# (then one line saying the rest are not logged), so one client cannot flood the log: with the
+# escaping, a line is at most about 850 bytes, so a connection costs the log at most ~90 KB.
+MAX_LOGGED_MESSAGES = 100
 # Accept errors that mean "out of resources for now": pause, retry, never stop serving.
 ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How long the accept loop pauses after one of those before it tries again.
@@ -132,8 +138,18 @@ class EngineCore(Generic[DriverT]):
         )
 
     def messages(self, driver: Driver) -> None:
+        """A Message event per frame the last read completed, up to the connection's budget
+        (`MAX_LOGGED_MESSAGES`); then one MessagesHeld, and no more."""
         for frame in driver.session.frames:
+            if driver.messages_left <= 0:
+                driver.log_messages = False
+                self.emit(MessagesHeld(driver.peer, MAX_LOGGED_MESSAGES))
+                return
+            driver.messages_left -= 1
             self.emit(Message(driver.peer, frame))
+
+    def failed(self, driver: Driver, exc: Exception) -> None:
+        self.emit(InternalError(driver.peer, exc))
 
     def accept(self, listener: socket.socket) -> tuple[socket.socket, Address] | float | None:
         """Accept one connection, under the one accept policy of every engine.
@@ -194,6 +210,7 @@ class Driver:
         self.receive = self.session.receive_data  # bound once: the per-read path
         self.commands = self.session.commands  # the same list, read on every call
         self.log_messages = core.log_messages
+        self.messages_left = MAX_LOGGED_MESSAGES
         self.admitted = False
 
     def admit(self) -> bool:
@@ -207,30 +224,56 @@ class Driver:
         return False
 
     def data_received(self, data: bytes) -> None:
-        out = self.receive(data, monotonic())
-        if out:
-            self.write(out)
-        if self.log_messages:
-            self.core.messages(self)
-        if self.commands:
-            self.carry_out()
+        try:
+            out = self.receive(data, monotonic())
+            if out:
+                self.write(out)
+            if self.log_messages:
+                self.core.messages(self)
+            if self.commands:
+                self.carry_out()
+        except OSError:
+            raise  # the connection's own end: the engine reports it through `lost`
+        except Exception as exc:
+            self.failed(exc)
+
+    def failed(self, exc: Exception) -> None:
+        """A bug in handling this connection: log it, abort this one, serve the others."""
+        self.core.failed(self, exc)
+        self.session.reason = CloseReason.INTERNAL_ERROR
+        self.session.commands.clear()
+        self.abort()
 
     def timer_fired(self) -> None:
-        self.send(self.session.handle_timeout(monotonic()))
-        self.set_timer(self.session.next_deadline())
+        with self.contained():
+            self.send(self.session.handle_timeout(monotonic()))
+            self.set_timer(self.session.next_deadline())
 
     def writing_blocked(self) -> None:
-        self.session.writing_blocked(monotonic())
-        self.carry_out()
+        with self.contained():
+            self.session.writing_blocked(monotonic())
+            self.carry_out()
 
     def writing_resumed(self) -> None:
-        self.session.writing_resumed(monotonic())
-        self.carry_out()
+        with self.contained():
+            self.session.writing_resumed(monotonic())
+            self.carry_out()
 
     def stop(self) -> None:
         """The server is stopping: answer what was received (what the kernel holds too),
         then half-close and linger."""
-        self.send(self.session.stop(monotonic(), self.unread()))
+        with self.contained():
+            self.send(self.session.stop(monotonic(), self.unread()))
+
+    @contextmanager
+    def contained(self) -> Iterator[None]:
+        """An unexpected exception inside is this connection's alone: see `failed`."""
+        try:
+            yield
+        except OSError:
+            raise
+        except Exception as exc:
+            self.failed(exc)
 
     def unread(self) -> int:
         """Bytes the kernel has received on this connection that were not read yet."""

@@ -236,6 +236,8 @@ class ThreadConnection(Driver):
             error = exc
             if self._forced is not None:
                 super().force(self._forced)
+        except Exception as exc:
+            self.failed(exc)
         finally:
             self.sock.close()
             self.lost(error)

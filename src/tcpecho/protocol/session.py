@@ -109,6 +109,7 @@ class CloseReason(enum.Enum):
     SERVER_STOPPING = "closed: server stopping"
     DRAIN_TIMEOUT = "closed: drain timeout (--drain-timeout)"
     FORCED_STOP = "closed: server stopped at once"
+    INTERNAL_ERROR = "closed: internal error (a bug: see the [INTERNAL ERROR] line)"
     REFUSED_BUSY = "refused: server busy (--max-connections)"
     REFUSED_PER_ADDRESS = "refused: too many connections from this address (--max-per-address)"
     REFUSED_DENIED = "refused: address denied (--allow/--deny)"
