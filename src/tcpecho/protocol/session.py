@@ -193,8 +193,12 @@ class Session:
             confirm_prefix=settings.confirm_prefix,
         )
         self._conn_receive = self._conn.receive_data  # bound once: the per-read path
-        # True while a read needs nothing but the reply: OPEN, raw framing.
+        # True while a read needs nothing but the reply: OPEN, raw framing; _echo_raw when
+        # that reply is the read itself.
         self._fast = settings.framing == "raw"
+        self._echo_raw = self._fast and settings.reply == "echo"
+        self._echoed_raw = 0  # bytes received and echoed while _echo_raw
+        self._last_raw: bytes | None = None  # the last read, when it took that path
         self._lines = settings.framing == "line"
         self._last_input = now  # when the idle clock last started
         self._line_started: float | None = None  # first byte of an unfinished line
@@ -209,6 +213,14 @@ class Session:
 
     def receive_data(self, data: bytes, now: float) -> bytes:
         """Bytes read from the client (``b""``: it finished sending). Returns bytes to send."""
+        if self._echo_raw and data:
+            # Raw echo, open: the reply is the read itself. Counted here rather than in the
+            # EchoConnection, to spare a call per read.
+            self._last_input = now
+            self._echoed_raw += len(data)
+            self._last_raw = data
+            return data
+        self._last_raw = None
         if self._fast and data:
             self._last_input = now
             return self._conn_receive(data)
@@ -250,7 +262,7 @@ class Session:
     def refuse(self, reason: CloseReason, now: float) -> bytes:
         """Refuse a client that was just accepted: an error line and close, or (denied) only
         close. Returns the bytes to send."""
-        self._fast = False
+        self._fast = self._echo_raw = False
         reply = REFUSAL_REPLIES.get(reason, b"")
         if reply:
             self._finish(reason, now)
@@ -270,7 +282,7 @@ class Session:
         if self.state is not State.OPEN or self._stop_after is not None:
             return b""
         if unread > 0:
-            self._fast = False
+            self._fast = self._echo_raw = False
             self._stop_after = self.bytes_received + unread
             return b""
         return self._stop_now(now)
@@ -288,7 +300,7 @@ class Session:
     def connection_lost(self, exc: BaseException | None, unsent: int = 0) -> None:
         """The connection is gone. ``exc``: the error that ended it; ``unsent``: bytes that
         were handed to the engine but never sent."""
-        self._fast = False
+        self._fast = self._echo_raw = False
         self.bytes_unsent += unsent
         if exc is not None and self.reason is None:
             self.reason = reason_for_error(exc)
@@ -314,15 +326,15 @@ class Session:
     @property
     def frames(self) -> Sequence[bytes]:
         """The messages the last `receive_data` call completed (for the log)."""
-        return self._conn.frames
+        return self._conn.frames if self._last_raw is None else (self._last_raw,)
 
     @property
     def bytes_received(self) -> int:
-        return self._conn.bytes_received
+        return self._conn.bytes_received + self._echoed_raw
 
     @property
     def bytes_sent(self) -> int:
-        return self._conn.bytes_replied + self._extra_sent
+        return self._conn.bytes_replied + self._echoed_raw + self._extra_sent
 
     @property
     def bytes_discarded(self) -> int:
@@ -373,7 +385,7 @@ class Session:
             self._finish(CloseReason.LINE_TOO_LONG, now)
         elif conn_state is ReplyState.DONE:
             self.reason = CloseReason.CLIENT_CLOSED
-            self._fast = False
+            self._fast = self._echo_raw = False
             self._enter(State.CLOSING, now)
             self.commands.append(Command.CLOSE)
         elif self._lines:
@@ -401,7 +413,7 @@ class Session:
             return self._extra(line_timeout_reply(settings.line_timeout))
         if settings.idle_timeout and now >= self._last_input + settings.idle_timeout:
             self.reason = CloseReason.IDLE_TIMEOUT
-            self._fast = False
+            self._fast = self._echo_raw = False
             self._enter(State.CLOSING, now)
             self.commands.append(Command.CLOSE)
         return b""
@@ -409,7 +421,7 @@ class Session:
     def _finish(self, reason: CloseReason, now: float) -> None:
         """The reply is complete: half-close and linger."""
         self.reason = reason
-        self._fast = False
+        self._fast = self._echo_raw = False
         self._line_started = None
         self._enter(State.LINGERING, now)
         self.commands.append(Command.SHUT_WRITE)
@@ -418,7 +430,7 @@ class Session:
         # The abort's reason replaces an earlier one (a client that closed its side, then
         # never read the replies, ends "not reading"): it is what ended the connection.
         self.reason = reason
-        self._fast = False
+        self._fast = self._echo_raw = False
         self._enter(State.CLOSED, self._state_since)
         self.commands.append(Command.ABORT)
 
