@@ -12,9 +12,10 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -24,15 +25,26 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def unavailable(message: str) -> NoReturn:
+    """Skip the test for want of ``message``; in CI fail instead, where everything is installed
+    on purpose and a skip would hide a test that never ran."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_peer(name: str) -> str:
     """The path of the real program ``name``: skipped locally when missing, failed in CI."""
     path = shutil.which(name)
     if path is None:
-        message = f"the real peer {name!r} is not installed (.ci/run installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"the real peer {name!r} is not installed (.ci/run installs it)")
     return path
+
+
+def require_root(why: str) -> None:
+    """Skipped locally (failed in CI) unless running as root, which ``why`` needs."""
+    if os.geteuid() != 0:
+        unavailable(f"{why} needs root")
 
 
 # Every way tcpecho can serve: the engine, and for asyncio the event loop.
@@ -46,10 +58,7 @@ ENGINE_VARIANTS: dict[str, dict[str, str]] = {
 def require_variant(variant: str) -> None:
     """Whether ``variant`` can run here: skipped (failed in CI) when uvloop is missing."""
     if variant == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        message = "uvloop is not installed (it is in the test extras)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("uvloop is not installed (it is in the test extras)")
 
 
 def engine_options(variant: str) -> dict[str, str]:
@@ -94,13 +103,21 @@ def recv_until_closed(sock: socket.socket) -> bytes:
 
 
 class ServerProcess(AbstractContextManager["ServerProcess"]):
-    """``python3 tcp_server.py ARGS`` as a child process, its output read line by line."""
+    """``python3 tcp_server.py ARGS`` as a child process, its output read line by line.
+
+    ``launcher`` runs it, such as ``ip netns exec NS``; it must exec the server (not fork it), so
+    that ``proc`` is the server itself and killing it leaves nothing behind.
+    """
 
     def __init__(
-        self, *args: str, python: str = sys.executable, script: str = "tcp_server.py"
+        self,
+        *args: str,
+        python: str = sys.executable,
+        script: str = "tcp_server.py",
+        launcher: Sequence[str] = (),
     ) -> None:
         self.proc = subprocess.Popen(
-            [python, "-u", str(ROOT / script), *args],
+            [*launcher, python, "-u", str(ROOT / script), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
