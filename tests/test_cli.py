@@ -551,3 +551,14 @@ def test_each_fault_during_a_session_is_one_log_line_and_the_server_goes_on(engi
     assert any("reset by peer" in line or "broken pipe" in line for line in disconnected)
     assert not [line for line in lines if "Traceback" in line or line.startswith(" ")]
     assert errors == ""
+
+
+def test_a_stop_right_after_the_banner_drains_and_exits_0(engine: str) -> None:
+    """The signal handlers are in place before the banner: a script that stops the server as
+    soon as it reads the banner gets a drain and exit 0, never a kill."""
+    for sig in (signal.SIGTERM, signal.SIGINT) * 3:
+        with ServerProcess(*LOCAL, *engine_arguments(engine), "-q") as server:
+            server.wait_listening()
+            server.proc.send_signal(sig)
+            assert server.proc.wait(timeout=PROMPTLY) == 0
+            assert "[SERVER STOPPED]" in server.proc.communicate(timeout=PROMPTLY)[0]

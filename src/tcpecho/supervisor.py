@@ -48,16 +48,18 @@ def serve(config: ServerConfig) -> Summary:
         return _serve_workers(config)
     engine = create_engine(config)
     addresses = engine.start()
-    _log_banner(addresses)
-    logger.info(
-        "engine %s, %s framing, %s replies, up to %d connections",
-        engine.description,
-        config.framing,
-        config.reply,
-        config.max_connections,
-        extra={"tag": "ENGINE", "fields": {"engine": engine.description}},
-    )
+    # The handlers go in before the banner: a stop that comes as soon as the banner is out
+    # (a script, a supervisor) must drain, not kill. The engine keeps a stop made before serve.
     with stop_on_signals(engine.stop):
+        _log_banner(addresses)
+        logger.info(
+            "engine %s, %s framing, %s replies, up to %d connections",
+            engine.description,
+            config.framing,
+            config.reply,
+            config.max_connections,
+            extra={"tag": "ENGINE", "fields": {"engine": engine.description}},
+        )
         return engine.serve()  # it logs its own summary
 
 
@@ -111,8 +113,9 @@ def _serve_workers(config: ServerConfig) -> Summary:
         worker_config = dataclasses.replace(config, workers=1, listen_fds=fds)
         create_engine(worker_config)  # a bad choice (say, --loop uvloop without uvloop) fails here
         workers = _Workers(worker_config, listeners)
-        _log_banner([sock.getsockname()[:2] for sock in listeners])
-        with stop_on_signals(workers.stop):
+        addresses = [sock.getsockname()[:2] for sock in listeners]
+        with stop_on_signals(workers.stop):  # before the banner, as in serve()
+            _log_banner(addresses)
             total = workers.run(config.workers)
     finally:
         for sock in listeners:

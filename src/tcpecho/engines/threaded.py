@@ -227,6 +227,7 @@ class ThreadConnection(Driver):
         self._timer_dirty = False
         self._rearm_every_read = self.session.settings.framing == "line"
         self._forced: CloseReason | None = None
+        self._unsent = 0  # bytes of replies an abort dropped
 
     def run(self) -> None:
         error: BaseException | None = None
@@ -240,7 +241,7 @@ class ThreadConnection(Driver):
             self.failed(exc)
         finally:
             self.sock.close()
-            self.lost(error)
+            self.lost(error, self._unsent)
             self.engine.connection_ended(self)
 
     def _read_until_done(self) -> None:
@@ -307,6 +308,8 @@ class ThreadConnection(Driver):
                 self.timer_fired()
         if self.reading:
             self.writing_resumed()
+        else:  # aborted: what was not sent is reported, not counted as echoed
+            self._unsent += len(rest)
 
     def shut_write(self) -> None:
         if self.core.stopping:
