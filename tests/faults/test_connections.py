@@ -171,15 +171,16 @@ def test_resets_in_the_middle_of_a_reply_1000_times(fault_server: StartServer) -
     server.check(expected)
 
 
-MAX_PER_ADDRESS = 3
+# A limit low enough to reach with a few held clients.
+LOW_LIMIT = 3
 
 
 def test_over_max_per_address_gets_its_reason_and_the_others_are_untouched(
     fault_server: StartServer,
 ) -> None:
-    server = fault_server("-q", f"--max-per-address={MAX_PER_ADDRESS}")
+    server = fault_server("-q", f"--max-per-address={LOW_LIMIT}")
     mark = server.mark()
-    held = [connect(server.address) for _ in range(MAX_PER_ADDRESS)]
+    held = [connect(server.address) for _ in range(LOW_LIMIT)]
     try:
         for sock in held:  # an echo: admitted, before the next one connects
             assert echo_once(sock) == b"still served\n"
@@ -192,16 +193,17 @@ def test_over_max_per_address_gets_its_reason_and_the_others_are_untouched(
 
     def expected() -> None:
         assert refused == TOO_MANY_FROM_ADDRESS_REPLY
-        assert echoes == [b"still served\n"] * MAX_PER_ADDRESS
+        assert echoes == [b"still served\n"] * LOW_LIMIT
         server.wait_for("[REFUSED]", "too many connections from this address", since=mark)
 
     server.check(expected)
 
 
-# A burst of clients over the limit that connect and close at once, as a scanner does: the
+# A burst of clients over a limit that connect and close at once, as a scanner does: the
 # server answers each refusal to a client already gone.
 SCANNER_BURST = 200
-# What each engine does with them, seen on the 2-core test VM (every run of 3 alike).
+# What each engine does with them, seen on the 2-core test VM (every run alike, over either
+# limit: the refusals share one path).
 REFUSING_THE_GONE: dict[str, str] = {
     "threads": "server bug: the threads engine writes the refusal from its accept loop, and the "
     "OSError of a client already gone is not caught (OSError ENOTCONN from shutdown(SHUT_WR) in "
@@ -213,24 +215,30 @@ REFUSING_THE_GONE: dict[str, str] = {
     "of connection_made, logged as an [ERROR] record with a 16-line traceback for every refused "
     "client (200 of 200), which no rate limit folds",
 }
+# Each limit, and what its [REFUSED] line says.
+LIMITS = {
+    "--max-per-address": "refused: too many connections from this address (--max-per-address)",
+    "--max-connections": "refused: server busy (--max-connections)",
+}
 
 
-def test_over_max_per_address_clients_already_gone_are_refused_quietly(
-    fault_server: StartServer, engine: str, request: pytest.FixtureRequest
+@pytest.mark.parametrize("limit", list(LIMITS), ids=lambda flag: flag.lstrip("-"))
+def test_clients_over_a_limit_already_gone_are_refused_quietly(
+    fault_server: StartServer, engine: str, limit: str, request: pytest.FixtureRequest
 ) -> None:
     if engine in REFUSING_THE_GONE:
         request.applymarker(pytest.mark.xfail(reason=REFUSING_THE_GONE[engine], strict=True))
-    server = fault_server("-q", f"--max-per-address={MAX_PER_ADDRESS}")
+    server = fault_server("-q", f"{limit}={LOW_LIMIT}")
     mark = server.mark()
-    held = [connect(server.address) for _ in range(MAX_PER_ADDRESS)]
+    held = [connect(server.address) for _ in range(LOW_LIMIT)]
     try:
         for sock in held:
             assert echo_once(sock) == b"still served\n"
         connect_and_close_at_once(server.address, SCANNER_BURST)
-        # Every refused client has left the server once the descriptors are back to the
+        # Every refused client has left the server once its descriptors are back to the
         # baseline plus the held clients.
         deadline = time.monotonic() + 10.0
-        while server.fd_count() > server.baseline_fds + MAX_PER_ADDRESS + FD_TOLERANCE:
+        while server.fd_count() > server.baseline_fds + LOW_LIMIT + FD_TOLERANCE:
             assert time.monotonic() < deadline, "the refused clients are still open"
             time.sleep(0.02)  # polling /proc with a deadline: closes are asynchronous
         echoes = [echo_once(sock) for sock in held]
@@ -239,10 +247,10 @@ def test_over_max_per_address_clients_already_gone_are_refused_quietly(
             sock.close()
 
     def expected() -> None:
-        exited = server.proc.poll()
-        assert exited is None, f"the server exited with {exited}: {server.stderr()[-300:]!r}"
-        assert echoes == [b"still served\n"] * MAX_PER_ADDRESS
-        server.wait_for("[REFUSED]", "too many connections from this address", since=mark)
+        stopping = server.found("[SERVER STOPPING]", since=mark)
+        assert not stopping, f"the server stopped by itself: {server.stderr()[-300:]!r}"
+        assert echoes == [b"still served\n"] * LOW_LIMIT
+        server.wait_for("[REFUSED]", LIMITS[limit], since=mark)
         errors = server.found("[ERROR]", since=mark)
         assert not errors, f"{len(errors)} [ERROR] records, the first: {errors[0].text}"
 
@@ -326,9 +334,32 @@ def test_out_of_descriptors_the_server_waits_quietly_then_serves_again(
 # start-up is ~0.3 s of interpreter and imports): 100 tries on each of the three engine
 # variants would take ~90 s, the whole suite's time budget, so the count is scaled down to 10.
 RESTARTS = 10
+# A stopping server logs [SERVER STOPPING] at once; this is ample.
+STOP_TIMEOUT = 2.0
 
 
-def test_a_restart_right_after_a_stop_binds_every_time(fault_server: StartServer) -> None:
+class StopNotActedOn(AssertionError):
+    """A running server logged nothing of a stop STOP_TIMEOUT after its SIGTERM."""
+
+
+# Not strict, and only for this failure: the race is rare (1 SIGTERM in 100-300).
+STOP_SIGNAL_RACE = (
+    "server bug, a race: the asyncio engine on the stdlib loop handles SIGTERM with "
+    "signal.signal and no wakeup fd, so a signal that lands after the interpreter's last "
+    "check and before epoll_wait is acted on only at the next I/O event or timer: seen in 1 "
+    "of 300 tries (and once in 4 runs of this case), the server idle and still serving 3 s "
+    "after SIGTERM, stopping when the next client connected (uvloop and the threads engine "
+    "set a wakeup fd)"
+)
+
+
+def test_a_restart_right_after_a_stop_binds_every_time(
+    fault_server: StartServer, engine: str, request: pytest.FixtureRequest
+) -> None:
+    if engine == "asyncio":
+        request.applymarker(
+            pytest.mark.xfail(raises=StopNotActedOn, strict=False, reason=STOP_SIGNAL_RACE)
+        )
     server = fault_server("-q")
     port = server.port
     started = time.monotonic()
@@ -340,8 +371,13 @@ def test_a_restart_right_after_a_stop_binds_every_time(fault_server: StartServer
             assert echo_once(client) == b"still served\n"
             mark = server.mark()
             server.terminate()
-            server.wait_for("[SERVER STOPPING]", since=mark)  # its listener is closed
             try:
+                server.wait_for("[SERVER STOPPING]", since=mark, timeout=STOP_TIMEOUT)
+            except AssertionError as exc:
+                if server.proc.poll() is not None:
+                    raise
+                raise StopNotActedOn(f"try {attempt} of {RESTARTS}: still running") from exc
+            try:  # its listener is closed: the new server must bind at once
                 successor = fault_server("-q", port=port)  # listening, and served a canary
             except AssertionError as exc:
                 raise AssertionError(f"try {attempt} of {RESTARTS}: no new server") from exc
