@@ -112,9 +112,9 @@ def test_a_line_that_never_ends_is_refused_at_the_limit_and_never_buffered(
 #   headers and rounding around 64 KiB blocks.
 # Socket buffers (the "kernel buffers": here up to several MiB a connection, as loopback
 # autotunes them) are kernel memory, not part of the process's RSS.
-# Measured on the 2-core test VM with 200 clients: 33-55 MiB for threads, 64-72 MiB for
-# asyncio on either loop (about 360 KiB a client); a server that read on would buffer what
-# the clients send, GiBs.
+# Measured on the 2-core test VM with 200 clients: 29-52 MiB for threads, 64-75 MiB for
+# asyncio on either loop (up to ~380 KiB a client), under a bound of 103.5 MiB; a server
+# that read on would buffer what the clients send, GiBs.
 PER_FLOODING_CLIENT = WRITE_BUFFER_HIGH_WATER + 2 * RECV_SIZE + 64 * KIB
 # Whatever the number of clients: the allocator's arenas and free lists, which keep memory
 # once used rather than return it.
