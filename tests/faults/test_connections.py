@@ -1,0 +1,398 @@
+"""Faults in how clients connect: thousands at once, scanners, resets, limits, access lists,
+running out of descriptors, and a restart on the same port."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import struct
+import time
+
+import pytest
+
+from tcpecho.protocol import BUSY_REPLY
+from tcpecho.protocol.session import TOO_MANY_FROM_ADDRESS_REPLY
+from tests.faults.harness import (
+    FD_TOLERANCE,
+    SETTLE_TIMEOUT,
+    FaultServer,
+    StartServer,
+    connect_and_close_at_once,
+    open_and_echo,
+    peer_of,
+    raise_nofile,
+    small_buffer_socket,
+)
+from tests.helpers import connect, recv_exactly, recv_until_closed
+
+# Descriptors a process needs besides one per connection: std streams, pipes, the listener,
+# the selector, the wake-up sockets, pytest's own files.
+FD_MARGIN = 256
+
+
+def echo_once(sock: socket.socket, payload: bytes = b"still served\n") -> bytes:
+    sock.sendall(payload)
+    return recv_exactly(sock, len(payload))
+
+
+def close_reasons(lines: list[str], peers: set[str] | None = None) -> dict[str, int]:
+    """How many [DISCONNECTED] lines give each reason (the text after the peer, up to its
+    figures in parentheses)."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        _, peer, rest = line.split(" ", 2)
+        if peers is None or peer in peers:
+            reason = rest.split(" (", 1)[0].split(": ", 1)[0]
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+CLIENTS_AT_ONCE = 5000
+# Beyond --max-connections: each must be refused with the busy line.
+OVER_THE_LIMIT = 3
+# The clients leave this many at a time, each batch once the server has released the one
+# before. Closed all at once, the 5,000 took the threads engine 12-27 s to release on the
+# 2-core VM (2,000: 5 s; 1,000: 1 s), against 1.3 s in batches of 250 and under 1 s for the
+# asyncio engine either way: past the suite's time budget, and this case is about connecting.
+CLOSE_BATCH = 250
+
+
+def close_gradually(server: FaultServer, socks: list[socket.socket]) -> None:
+    """Close ``socks`` CLOSE_BATCH at a time, each batch once the server holds no more
+    descriptors than the connections still open need."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    for start in range(0, len(socks), CLOSE_BATCH):
+        for sock in socks[start : start + CLOSE_BATCH]:
+            sock.close()
+        still_open = max(len(socks) - start - CLOSE_BATCH, 0)
+        while server.fd_count() > server.baseline_fds + still_open + FD_TOLERANCE:
+            assert time.monotonic() < deadline, f"{server.fd_count()} descriptors still held"
+            time.sleep(0.005)  # polling /proc with a deadline: closes are asynchronous
+
+
+def test_5000_clients_at_once_are_all_served_then_more_are_refused(
+    fault_server: StartServer,
+) -> None:
+    raise_nofile(CLIENTS_AT_ONCE + FD_MARGIN)
+    server = fault_server(
+        "-q",
+        f"--max-connections={CLIENTS_AT_ONCE}",
+        f"--max-per-address={CLIENTS_AT_ONCE}",
+        "--backlog=4096",  # the kernel's somaxconn caps it; the rest wait for a SYN retry
+        nofile=CLIENTS_AT_ONCE + FD_MARGIN,
+    )
+    mark = server.mark()
+    started = time.monotonic()
+    clients = open_and_echo(server.address, CLIENTS_AT_ONCE, timeout=30.0)
+    server.record("all_echoed_after_s", round(time.monotonic() - started, 2))
+    try:
+        server.record("rss_with_all_connected", server.rss())
+        server.record("fds_with_all_connected", server.fd_count())
+        refusals = []
+        for _ in range(OVER_THE_LIMIT):
+            with connect(server.address) as extra:
+                refusals.append(recv_until_closed(extra))
+        assert echo_once(clients[0]) == b"still served\n"
+    finally:
+        close_gradually(server, clients)
+
+    def expected() -> None:
+        assert refusals == [BUSY_REPLY] * OVER_THE_LIMIT
+        server.wait_for("[REFUSED]", "refused: server busy (--max-connections)", since=mark)
+        closed = server.wait_for("[DISCONNECTED]", count=CLIENTS_AT_ONCE, since=mark)
+        assert close_reasons([line.text for line in closed]) == {
+            "closed by client": CLIENTS_AT_ONCE
+        }
+
+    server.check(expected)
+
+
+# Connects that close at once, one after another, as port scanners and `nc -z` do. From one
+# address, the stdlib loop falls more than 256 (the default --max-per-address) connections
+# behind and refuses the rest: --max-per-address=0 here, so that every connect is admitted
+# and accounted for; the refusal of clients already gone is a case of its own below. A listen
+# queue as long as the kernel allows keeps connects from waiting for a SYN retry (1 s).
+# The threads engine is scaled down to 3,000, fewer than its listen queue holds: while its
+# threads contend for the GIL its accept loop falls behind, and on the 2-core VM 10,000 took
+# it 7-18 s and 5,000 took 4-10 s (once 4,096 behind, each further connect waits for a SYN
+# retry), a fifth of the suite's time budget.
+SCANS = {"threads": 3_000, "asyncio": 10_000, "uvloop": 10_000}
+
+
+def test_connect_and_close_thousands_of_times(fault_server: StartServer, engine: str) -> None:
+    scans = SCANS[engine]
+    server = fault_server("-q", "--max-per-address=0", "--backlog=4096")
+    mark = server.mark()
+    started = time.monotonic()
+    for _ in range(scans):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(10.0)
+        sock.connect(server.address)
+        sock.close()
+    server.record("scans", scans)
+    server.record("connects_took_s", round(time.monotonic() - started, 2))
+
+    def expected() -> None:
+        closed = server.wait_for("[DISCONNECTED]", count=scans, since=mark, timeout=30.0)
+        server.record("all_closed_after_s", round(time.monotonic() - started, 2))
+        assert close_reasons([line.text for line in closed]) == {"closed by client": scans}
+        assert not server.found("[ERROR]", since=mark)
+
+    server.check(expected)
+
+
+RESETS = 1000
+# Sent before the reset: twice the client's receive buffer (64 KiB, doubled by the kernel),
+# so that much of the echo is still queued at the server when the reset arrives.
+RESET_PAYLOAD = b"r" * (256 * 1024)
+
+
+def test_resets_in_the_middle_of_a_reply_1000_times(fault_server: StartServer) -> None:
+    """Connect, send, read the start of the echo, then close with SO_LINGER 0 (a reset)."""
+    server = fault_server("-q")
+    mark = server.mark()
+    peers: set[str] = set()
+    for _ in range(RESETS):
+        sock = small_buffer_socket()
+        sock.settimeout(10.0)
+        sock.connect(server.address)
+        peers.add(peer_of(sock))
+        sock.sendall(RESET_PAYLOAD)
+        assert sock.recv(65536)  # the echo has begun
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def expected() -> None:
+        closed = server.wait_for("[DISCONNECTED]", count=RESETS, since=mark)
+        reasons = close_reasons([line.text for line in closed], peers)
+        server.record("reasons", reasons)
+        assert sum(reasons.values()) == RESETS
+        assert set(reasons) <= {"reset by client", "client gone (broken pipe)"}, reasons
+
+    server.check(expected)
+
+
+# A limit low enough to reach with a few held clients.
+LOW_LIMIT = 3
+
+
+def test_over_max_per_address_gets_its_reason_and_the_others_are_untouched(
+    fault_server: StartServer,
+) -> None:
+    server = fault_server("-q", f"--max-per-address={LOW_LIMIT}")
+    mark = server.mark()
+    held = [connect(server.address) for _ in range(LOW_LIMIT)]
+    try:
+        for sock in held:  # an echo: admitted, before the next one connects
+            assert echo_once(sock) == b"still served\n"
+        with connect(server.address) as extra:
+            refused = recv_until_closed(extra)
+        echoes = [echo_once(sock) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+    def expected() -> None:
+        assert refused == TOO_MANY_FROM_ADDRESS_REPLY
+        assert echoes == [b"still served\n"] * LOW_LIMIT
+        server.wait_for("[REFUSED]", "too many connections from this address", since=mark)
+
+    server.check(expected)
+
+
+# A burst of clients over a limit that connect and close at once, as a scanner does: the
+# server answers each refusal to a client already gone.
+SCANNER_BURST = 200
+# What each engine does with them, seen on the 2-core test VM (every run alike, over either
+# limit: the refusals share one path).
+REFUSING_THE_GONE: dict[str, str] = {
+    "threads": "server bug: the threads engine writes the refusal from its accept loop, and the "
+    "OSError of a client already gone is not caught (OSError ENOTCONN from shutdown(SHUT_WR) in "
+    "shut_write, 3 runs of 3; ConnectionResetError from the refusal's send when the client "
+    "reset): it ends the accept loop, the server drains and exits with status 1, a traceback "
+    "on stderr and no [SERVER STOPPED] line, and new clients are refused by the OS",
+    "asyncio": "server bug: on the stdlib loop, shut_write calls transport.write_eof() after the "
+    "refusal's write has reset the connection; shutdown(SHUT_WR) raises OSError ENOTCONN out "
+    "of connection_made, logged as an [ERROR] record with a 16-line traceback for every refused "
+    "client (200 of 200), which no rate limit folds",
+}
+# Each limit, and what its [REFUSED] line says.
+LIMITS = {
+    "--max-per-address": "refused: too many connections from this address (--max-per-address)",
+    "--max-connections": "refused: server busy (--max-connections)",
+}
+
+
+@pytest.mark.parametrize("limit", list(LIMITS), ids=lambda flag: flag.lstrip("-"))
+def test_clients_over_a_limit_already_gone_are_refused_quietly(
+    fault_server: StartServer, engine: str, limit: str, request: pytest.FixtureRequest
+) -> None:
+    if engine in REFUSING_THE_GONE:
+        request.applymarker(pytest.mark.xfail(reason=REFUSING_THE_GONE[engine], strict=True))
+    server = fault_server("-q", f"{limit}={LOW_LIMIT}")
+    mark = server.mark()
+    held = [connect(server.address) for _ in range(LOW_LIMIT)]
+    try:
+        for sock in held:
+            assert echo_once(sock) == b"still served\n"
+        connect_and_close_at_once(server.address, SCANNER_BURST)
+        # Every refused client has left the server once its descriptors are back to the
+        # baseline plus the held clients.
+        deadline = time.monotonic() + 10.0
+        while server.fd_count() > server.baseline_fds + LOW_LIMIT + FD_TOLERANCE:
+            assert time.monotonic() < deadline, "the refused clients are still open"
+            time.sleep(0.02)  # polling /proc with a deadline: closes are asynchronous
+        echoes = [echo_once(sock) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+    def expected() -> None:
+        stopping = server.found("[SERVER STOPPING]", since=mark)
+        assert not stopping, f"the server stopped by itself: {server.stderr()[-300:]!r}"
+        assert echoes == [b"still served\n"] * LOW_LIMIT
+        server.wait_for("[REFUSED]", LIMITS[limit], since=mark)
+        errors = server.found("[ERROR]", since=mark)
+        assert not errors, f"{len(errors)} [ERROR] records, the first: {errors[0].text}"
+
+    server.check(expected)
+
+
+def test_a_denied_address_is_closed_with_no_reply(fault_server: StartServer) -> None:
+    """A denied client learns nothing: no bytes, whether it waits or sends first (then the
+    server's close, with its bytes unread, may be a reset rather than an end of stream)."""
+    # The canary connects from another loopback address, which is not denied.
+    server = fault_server("-q", "--deny=127.0.0.1", canary_source="127.0.0.2")
+    mark = server.mark()
+    with connect(server.address) as waiting:
+        waited = recv_until_closed(waiting)
+    with connect(server.address) as talking:
+        talking.sendall(b"hello\n")
+        try:
+            answered = recv_until_closed(talking)
+        except ConnectionResetError:
+            answered = b""
+
+    def expected() -> None:
+        assert waited == b""
+        assert answered == b""
+        server.wait_for("[REFUSED]", "refused: address denied (--allow/--deny)", since=mark)
+
+    server.check(expected)
+
+
+# The server's descriptor limit, and clients enough to pass it (the others wait in the
+# listen queue, connected as far as they know).
+LOW_NOFILE = 64
+STARVING_CLIENTS = 100
+# How long the starved server's CPU use is measured.
+STARVED_WINDOW = 2.0
+# Two lines read from the server's pipe may be this much closer than they were written.
+LINE_JITTER = 0.05
+
+
+def test_out_of_descriptors_the_server_waits_quietly_then_serves_again(
+    fault_server: StartServer,
+) -> None:
+    server = fault_server("-q", nofile=LOW_NOFILE)
+    mark = server.mark()
+    held = [connect(server.address) for _ in range(STARVING_CLIENTS)]
+    try:
+        server.wait_for("[ACCEPT ERROR]", since=mark)
+        cpu_before, started = server.cpu_seconds(), time.monotonic()
+        time.sleep(STARVED_WINDOW)  # a window to measure CPU use over, not a wait for a state
+        elapsed = time.monotonic() - started
+        cpu_share = (server.cpu_seconds() - cpu_before) / elapsed
+        served_while_starved = echo_once(held[0])  # the first was accepted before the limit
+        errors = server.found("[ACCEPT ERROR]", since=mark)
+    finally:
+        for sock in held:
+            sock.close()
+    closed_at = time.monotonic()
+    with connect(server.address) as fresh:
+        back = echo_once(fresh, b"back\n")
+    back_after = time.monotonic() - closed_at
+    server.record("cpu_share_starved", round(cpu_share, 4))
+    server.record("accept_error_lines", len(errors))
+    server.record("served_again_after_s", round(back_after, 3))
+
+    def expected() -> None:
+        assert "Too many open files" in errors[0].text
+        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(errors)]
+        assert all(gap >= 1.0 - LINE_JITTER for gap in gaps), gaps
+        assert len(errors) <= elapsed + 2  # the first line came before the window
+        assert cpu_share < 0.05, f"{cpu_share:.1%} of a core while starved"
+        assert served_while_starved == b"still served\n"
+        assert back == b"back\n"
+        assert back_after < 1.0
+
+    server.check(expected)
+
+
+# Each try: a server with a client connected gets SIGTERM, and a new one starts on its port
+# as soon as the old one has closed its listening socket (its [SERVER STOPPING] line), while
+# the old one still drains that client. A try takes 0.2-0.4 s on the 2-core VM (a server's
+# start-up is ~0.3 s of interpreter and imports): 100 tries on each of the three engine
+# variants would take ~90 s, the whole suite's time budget, so the count is scaled down to 10.
+RESTARTS = 10
+# A stopping server logs [SERVER STOPPING] at once; this is ample.
+STOP_TIMEOUT = 2.0
+
+
+class StopNotActedOn(AssertionError):
+    """A running server logged nothing of a stop STOP_TIMEOUT after its SIGTERM."""
+
+
+# Not strict, and only for this failure: it is a race, which most runs do not meet.
+STOP_SIGNAL_RACE = (
+    "server bug, a race: the asyncio engine on the stdlib loop handles SIGTERM with "
+    "signal.signal and no wakeup fd, so a signal that lands after the interpreter's last "
+    "check and before epoll_wait is acted on only at the next I/O event or timer: seen in 1 "
+    "of 300 tries of a stress loop and in 2 of 9 runs of this case (10 tries each), the "
+    "server idle and still serving 3 s after SIGTERM, stopping when the next client "
+    "connected (0 of 300 on uvloop and on the threads engine, which set a wakeup fd)"
+)
+
+
+def test_a_restart_right_after_a_stop_binds_every_time(
+    fault_server: StartServer, engine: str, request: pytest.FixtureRequest
+) -> None:
+    if engine == "asyncio":
+        request.applymarker(
+            pytest.mark.xfail(raises=StopNotActedOn, strict=False, reason=STOP_SIGNAL_RACE)
+        )
+    server = fault_server("-q")
+    port = server.port
+    started = time.monotonic()
+    bound = 0
+    stops: list[tuple[int, bytes]] = []  # each old server's exit status, what its client got
+    for attempt in range(1, RESTARTS + 1):
+        with connect(server.address) as client:
+            # Echoed inside the engine's serve(): the stop signals are handled by then.
+            assert echo_once(client) == b"still served\n"
+            mark = server.mark()
+            server.terminate()
+            try:
+                server.wait_for("[SERVER STOPPING]", since=mark, timeout=STOP_TIMEOUT)
+            except AssertionError as exc:
+                if server.proc.poll() is not None:
+                    raise
+                raise StopNotActedOn(f"try {attempt} of {RESTARTS}: still running") from exc
+            try:  # its listener is closed: the new server must bind at once
+                successor = fault_server("-q", port=port)  # listening, and served a canary
+            except AssertionError as exc:
+                raise AssertionError(f"try {attempt} of {RESTARTS}: no new server") from exc
+            bound += 1
+            drained = recv_until_closed(client)  # the old server ends the connection
+        stops.append((server.proc.wait(timeout=10), drained))
+        server.close()
+        server = successor
+    server.record("restarts", RESTARTS)
+    server.record("seconds_per_restart", round((time.monotonic() - started) / RESTARTS, 3))
+
+    def expected() -> None:
+        assert bound == RESTARTS
+        assert server.port == port
+        assert stops == [(0, b"")] * RESTARTS
+
+    server.check(expected)
