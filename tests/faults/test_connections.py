@@ -205,17 +205,6 @@ def test_over_max_per_address_gets_its_reason_and_the_others_are_untouched(
 SCANNER_BURST = 200
 # What each engine does with them, seen on the 2-core test VM (every run alike, over either
 # limit: the refusals share one path).
-REFUSING_THE_GONE: dict[str, str] = {
-    "threads": "server bug: the threads engine writes the refusal from its accept loop, and the "
-    "OSError of a client already gone is not caught (OSError ENOTCONN from shutdown(SHUT_WR) in "
-    "shut_write, 3 runs of 3; ConnectionResetError from the refusal's send when the client "
-    "reset): it ends the accept loop, the server drains and exits with status 1, a traceback "
-    "on stderr and no [SERVER STOPPED] line, and new clients are refused by the OS",
-    "asyncio": "server bug: on the stdlib loop, shut_write calls transport.write_eof() after the "
-    "refusal's write has reset the connection; shutdown(SHUT_WR) raises OSError ENOTCONN out "
-    "of connection_made, logged as an [ERROR] record with a 16-line traceback for every refused "
-    "client (200 of 200), which no rate limit folds",
-}
 # Each limit, and what its [REFUSED] line says.
 LIMITS = {
     "--max-per-address": "refused: too many connections from this address (--max-per-address)",
@@ -227,8 +216,6 @@ LIMITS = {
 def test_clients_over_a_limit_already_gone_are_refused_quietly(
     fault_server: StartServer, engine: str, limit: str, request: pytest.FixtureRequest
 ) -> None:
-    if engine in REFUSING_THE_GONE:
-        request.applymarker(pytest.mark.xfail(reason=REFUSING_THE_GONE[engine], strict=True))
     server = fault_server("-q", f"{limit}={LOW_LIMIT}")
     mark = server.mark()
     held = [connect(server.address) for _ in range(LOW_LIMIT)]
@@ -343,24 +330,9 @@ class StopNotActedOn(AssertionError):
     """A running server logged nothing of a stop STOP_TIMEOUT after its SIGTERM."""
 
 
-# Not strict, and only for this failure: it is a race, which most runs do not meet.
-STOP_SIGNAL_RACE = (
-    "server bug, a race: the asyncio engine on the stdlib loop handles SIGTERM with "
-    "signal.signal and no wakeup fd, so a signal that lands after the interpreter's last "
-    "check and before epoll_wait is acted on only at the next I/O event or timer: seen in 1 "
-    "of 300 tries of a stress loop and in 2 of 9 runs of this case (10 tries each), the "
-    "server idle and still serving 3 s after SIGTERM, stopping when the next client "
-    "connected (0 of 300 on uvloop and on the threads engine, which set a wakeup fd)"
-)
-
-
 def test_a_restart_right_after_a_stop_binds_every_time(
     fault_server: StartServer, engine: str, request: pytest.FixtureRequest
 ) -> None:
-    if engine == "asyncio":
-        request.applymarker(
-            pytest.mark.xfail(raises=StopNotActedOn, strict=False, reason=STOP_SIGNAL_RACE)
-        )
     server = fault_server("-q")
     port = server.port
     started = time.monotonic()

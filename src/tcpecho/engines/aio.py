@@ -23,6 +23,7 @@ from tcpecho.engines.base import (
     WRITE_BUFFER_HIGH_WATER,
     Driver,
     EngineCore,
+    signals_wake,
 )
 from tcpecho.errors import ConfigError
 from tcpecho.events import Consumer, Summary
@@ -126,9 +127,17 @@ class AsyncioEngine:
         loop = self._loop
         if loop is None:
             raise RuntimeError("start() first")
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        loop.add_reader(wake_r.fileno(), _drain, wake_r)
         try:
-            loop.run_until_complete(self._serve())
+            with signals_wake(wake_w):
+                loop.run_until_complete(self._serve())
         finally:
+            loop.remove_reader(wake_r.fileno())
+            wake_r.close()
+            wake_w.close()
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
         return self.core.stopped()
@@ -229,7 +238,10 @@ class LoopConnection(Driver, asyncio.BufferedProtocol):
 
     def shut_write(self) -> None:
         if self.transport.can_write_eof() and not self.transport.is_closing():
-            self.transport.write_eof()  # after what is queued
+            try:
+                self.transport.write_eof()  # after what is queued
+            except OSError:  # the client is gone already (the stdlib loop shuts down at once)
+                self.transport.abort()
 
     def close(self) -> None:
         self.transport.close()  # after what is queued
@@ -275,6 +287,11 @@ class LoopConnection(Driver, asyncio.BufferedProtocol):
             self._timer.cancel()
         self._timer = None
         self._timer_at = None
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.recv(4096)
 
 
 def _factory(protocol: LoopConnection) -> Callable[[], LoopConnection]:

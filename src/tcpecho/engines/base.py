@@ -10,6 +10,7 @@ connections: admission, the event stream, the accept-error policy and the drain.
 from __future__ import annotations
 
 import errno
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -55,6 +56,26 @@ ACCEPT_RETRY_DELAY = 0.1
 # Connections the asyncio engine accepts per readiness event, so a burst cannot starve the
 # connections already open.
 ACCEPT_BATCH = 128
+
+
+@contextmanager
+def signals_wake(wake: socket.socket | None) -> Iterator[None]:
+    """While serving in the main thread, a signal writes to ``wake``, which the engine's loop
+    watches.
+
+    Python runs a signal's handler in the main thread, when that thread next runs bytecode. A
+    signal that lands while the loop is about to wait (or, with threads, in another thread,
+    whose call CPython simply retries) would otherwise be acted on only at the next I/O event:
+    a stop could wait for the next client. The write wakes the loop, so the handler runs at once.
+    """
+    if wake is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
 
 
 class Engine(Protocol):

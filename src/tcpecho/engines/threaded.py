@@ -5,17 +5,16 @@ from __future__ import annotations
 import contextlib
 import select
 import selectors
-import signal
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from time import monotonic
 
 from tcpecho import net
 from tcpecho.config import ServerConfig
-from tcpecho.engines.base import RECV_SIZE, Driver, EngineCore
+from tcpecho.engines.base import RECV_SIZE, Driver, EngineCore, signals_wake
 from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
 from tcpecho.protocol import CloseReason
@@ -65,7 +64,7 @@ class ThreadedEngine:
     def serve(self) -> Summary:
         if self._wake_r is None:
             raise RuntimeError("start() first")
-        with selectors.DefaultSelector() as selector, _signals_wake(self._wake_w):
+        with selectors.DefaultSelector() as selector, signals_wake(self._wake_w):
             self._refused = Refused(selector)
             selector.register(self._wake_r, selectors.EVENT_READ)
             try:
@@ -110,7 +109,13 @@ class ThreadedEngine:
         sock, address = accepted
         sock.setblocking(True)
         conn = ThreadConnection(self, sock, address)
-        if not conn.admit():
+        try:
+            admitted = conn.admit()
+        except OSError as exc:  # refused, and gone before the refusal could be sent
+            sock.close()
+            conn.lost(exc)
+            return
+        if not admitted:
             self._refused.add(conn)
             return
         conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}")
@@ -363,25 +368,6 @@ ACK_WAIT = 2.0
 ACK_POLL = 0.005
 _NO_THREAD = threading.Thread(name="none")  # never started
 _DONTWAIT = socket.MSG_DONTWAIT  # a send that would block returns at once: see _send_blocked
-
-
-@contextlib.contextmanager
-def _signals_wake(wake: socket.socket | None) -> Iterator[None]:
-    """While serving in the main thread, a signal writes to the wake-up socket.
-
-    Linux may deliver a signal to any thread; one that lands in a connection thread only
-    interrupts (and CPython retries) that thread's recv, and Python's handler runs in the main
-    thread only when it next runs bytecode. The write wakes the accept loop's selector, so the
-    handler runs at once.
-    """
-    if wake is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(previous)
 
 
 def _read_pending(sock: socket.socket) -> bytes:
