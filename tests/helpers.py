@@ -7,13 +7,14 @@ lives here.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -153,3 +154,32 @@ class ServerProcess(AbstractContextManager["ServerProcess"]):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.communicate(timeout=10)
+
+
+class CapturedRecords(logging.Handler):
+    """Keeps every record it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def captured_server_log() -> Iterator[CapturedRecords]:
+    """The records of the ``tcpecho.server`` logger at INFO and above, while the block runs.
+
+    (pytest's caplog sees nothing once the CLI has configured tcpecho's logger not to
+    propagate, as the in-process CLI tests do.)
+    """
+    logger = logging.getLogger("tcpecho.server")
+    handler, level = CapturedRecords(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

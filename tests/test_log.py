@@ -26,6 +26,7 @@ from tcpecho.log import (
     escape,
 )
 from tcpecho.protocol import CloseReason
+from tests.helpers import CapturedRecords, captured_server_log
 
 # Characters that reorder text on a terminal: bidi embeddings, overrides and isolates.
 BIDI_REORDERING = {*range(0x202A, 0x202F), *range(0x2066, 0x206A)}
@@ -268,27 +269,13 @@ def test_a_kind_of_warning_passes_once_a_second_with_the_count_it_held() -> None
     assert limit.allow("busy") is None
 
 
-class Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
-def server_log() -> Iterator[Captured]:
-    logger = logging.getLogger("tcpecho.server")
-    handler, level = Captured(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+def server_log() -> Iterator[CapturedRecords]:
+    with captured_server_log() as log:
+        yield log
 
 
-def test_a_flood_of_refusals_is_one_line_per_reason_and_second(server_log: Captured) -> None:
+def test_a_flood_of_refusals_is_one_line_per_reason_and_second(server_log: CapturedRecords) -> None:
     log = EventLog()
     for port in range(1000):
         log(Refused(f"127.0.0.1:{port}", CloseReason.REFUSED_BUSY))
@@ -301,7 +288,7 @@ def test_a_flood_of_refusals_is_one_line_per_reason_and_second(server_log: Captu
 
 
 def test_a_closed_connection_is_one_line_with_its_reason_counts_and_discards(
-    server_log: Captured,
+    server_log: CapturedRecords,
 ) -> None:
     EventLog()(
         Closed(

@@ -3,7 +3,6 @@ sees them and as the server's events tell them."""
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
@@ -18,7 +17,13 @@ from tcpecho.events import Closed, Draining, Event, InternalError, Opened, Refus
 from tcpecho.protocol import BUSY_REPLY, CloseReason
 from tcpecho.protocol.session import TOO_MANY_FROM_ADDRESS_REPLY, line_timeout_reply
 from tcpecho.testing import RunningServer, running_server
-from tests.helpers import connect, engine_options, recv_exactly, recv_until_closed
+from tests.helpers import (
+    captured_server_log,
+    connect,
+    engine_options,
+    recv_exactly,
+    recv_until_closed,
+)
 
 # A timeout is enforced within this long after it is due (the issue's promise).
 SLACK = 0.5
@@ -216,30 +221,13 @@ def test_every_refused_and_closed_connection_is_counted_in_the_summary(observe: 
     assert (summary.connections, summary.refused, summary.bytes_echoed) == (1, 3, 3)
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_the_reason_text_reaches_the_log_line(observe: Start) -> None:
-    logger = logging.getLogger("tcpecho.server")
-    handler = Records()
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with captured_server_log() as log:
         observed = observe(idle_timeout=0.3)
         with connect(observed.address) as sock:
             assert recv_until_closed(sock) == b""
         observed.wait_for(Closed)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    lines = [r.getMessage() for r in handler.records if getattr(r, "tag", "") == "DISCONNECTED"]
+    lines = [r.getMessage() for r in log.records if getattr(r, "tag", "") == "DISCONNECTED"]
     assert len(lines) == 1
     assert "closed: idle (--idle-timeout)" in lines[0]
 
