@@ -322,14 +322,15 @@ class ThreadConnection(Driver):
         self.sock.shutdown(socket.SHUT_WR)
 
     def _wait_acknowledged(self) -> None:
-        """Wait (up to `ACK_WAIT`) until the client has acknowledged every reply.
+        """Wait (up to the session's linger timeout) until the client has acknowledged every
+        reply.
 
         Draining shut this socket's read side to wake the thread. Once our end is sent too,
         Linux answers any more data from the client with a reset, and a reset drops the replies
         still in flight; so the end goes only after they have arrived. Meanwhile more data from
         the client is only queued. There is no event for "acknowledged", hence the short sleeps.
         """
-        deadline = monotonic() + ACK_WAIT
+        deadline = monotonic() + self.session.settings.linger_timeout
         fd = self.sock.fileno()
         with contextlib.suppress(OSError):
             while net.unsent_bytes(fd) and self._forced is None and monotonic() < deadline:
@@ -362,9 +363,8 @@ class ThreadConnection(Driver):
         self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
 
-# Draining: how long a connection waits for the client to acknowledge its last replies before
-# it sends its end (see _wait_acknowledged), and how often it looks.
-ACK_WAIT = 2.0
+# Draining: how often a connection looks whether the client has acknowledged its last replies
+# before it sends its end (see _wait_acknowledged).
 ACK_POLL = 0.005
 _NO_THREAD = threading.Thread(name="none")  # never started
 _DONTWAIT = socket.MSG_DONTWAIT  # a send that would block returns at once: see _send_blocked
