@@ -14,9 +14,11 @@ from tcpecho.bench.payload import MIN_SIZE
 from tcpecho.config import (
     ENGINES,
     FRAMINGS,
+    GREETINGS,
     LOG_FORMATS,
     LOG_LEVELS,
     LOOPS,
+    PROXY_MODES,
     REPLY_MODES,
     ServerConfig,
 )
@@ -313,6 +315,43 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=SERVE_DEFAULTS.drain_timeout,
         help="seconds a stopping server lets connections finish (default: %(default)s)",
     )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    tls.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require a client certificate signed by a CA in this file (mutual TLS)",
+    )
+    tls.add_argument(
+        "--tls-handshake-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=SERVE_DEFAULTS.tls_handshake_timeout,
+        help="close a client whose handshake is not done this long after it connected "
+        "(default: %(default)s)",
+    )
+    proxy = parser.add_argument_group("behind a proxy")
+    proxy.add_argument(
+        "--proxy-protocol",
+        choices=PROXY_MODES,
+        default=SERVE_DEFAULTS.proxy_protocol,
+        help="on: every connection starts with a PROXY header (v1 or v2) naming the real "
+        "client; optional: with or without one (default: %(default)s)",
+    )
+    proxy.add_argument(
+        "--proxy-trusted",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="the proxies allowed to send a PROXY header (repeatable)",
+    )
+    proxy.add_argument(
+        "--greeting",
+        choices=GREETINGS,
+        default=SERVE_DEFAULTS.greeting,
+        help="info: send one JSON line describing the connection first (default: %(default)s)",
+    )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
         "--log-level",
@@ -354,7 +393,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     # Every serve option is named after the ServerConfig field it sets; -q is the one inverse.
     options = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
-    options.update(allow=tuple(args.allow), deny=tuple(args.deny))
+    options.update(
+        allow=tuple(args.allow), deny=tuple(args.deny), proxy_trusted=tuple(args.proxy_trusted)
+    )
     config = ServerConfig(**options, log_messages=not args.quiet)
     log.configure(config.log_level, config.log_format)
     supervisor.serve(config)

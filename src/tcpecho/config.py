@@ -12,11 +12,14 @@ from tcpecho.protocol import (
     DEFAULT_LINE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PER_ADDRESS,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     DEFAULT_WRITE_TIMEOUT,
     MAX_LINE_LENGTH,
     AccessList,
     Framing,
+    Greeting,
     Network,
+    ProxyMode,
     ReplyMode,
     SessionSettings,
     parse_network,
@@ -33,6 +36,8 @@ FRAMINGS: tuple[Framing, ...] = get_args(Framing)
 REPLY_MODES: tuple[ReplyMode, ...] = get_args(ReplyMode)
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+PROXY_MODES: tuple[ProxyMode, ...] = get_args(ProxyMode)
+GREETINGS: tuple[Greeting, ...] = get_args(Greeting)
 
 # The seed's address: every interface, port 65432.
 DEFAULT_HOST = "0.0.0.0"
@@ -67,6 +72,13 @@ class ServerConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     line_timeout: float = DEFAULT_LINE_TIMEOUT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    proxy_protocol: ProxyMode = "off"
+    proxy_trusted: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    greeting: Greeting = "off"
     workers: int = 1
     # Set by the supervisor for its worker processes: the worker's number (0: no workers).
     worker: int = 0
@@ -114,7 +126,34 @@ class ServerConfig:
         _require(self.idle_timeout >= 0, "--idle-timeout", self.idle_timeout, "must be 0 or more")
         _require(self.line_timeout >= 0, "--line-timeout", self.line_timeout, "must be 0 or more")
         _require(self.workers >= 1, "--workers", self.workers, "must be at least 1")
+        _choice("--proxy-protocol", self.proxy_protocol, PROXY_MODES)
+        _choice("--greeting", self.greeting, GREETINGS)
+        _require(
+            self.proxy_protocol == "off" or bool(self.proxy_trusted),
+            "--proxy-protocol",
+            self.proxy_protocol,
+            "give the proxies allowed to send a header with --proxy-trusted CIDR",
+        )
+        _require(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "--tls-cert" if self.tls_key else "--tls-key",
+            self.tls_cert or self.tls_key,
+            "--tls-cert and --tls-key go together",
+        )
+        _require(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "--tls-client-ca",
+            self.tls_client_ca,
+            "needs --tls-cert and --tls-key",
+        )
+        _require(
+            self.tls_handshake_timeout > 0,
+            "--tls-handshake-timeout",
+            self.tls_handshake_timeout,
+            "must be more than 0",
+        )
         self.access_list()  # raises ConfigError for a bad CIDR
+        self.trusted_proxies()
         try:
             self.confirm_prefix.encode()
         except UnicodeEncodeError as exc:
@@ -127,6 +166,13 @@ class ServerConfig:
             deny=tuple(_network("--deny", text) for text in self.deny),
         )
 
+    def trusted_proxies(self) -> tuple[Network, ...]:
+        return tuple(_network("--proxy-trusted", text) for text in self.proxy_trusted)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
     def session_settings(self) -> SessionSettings:
         return SessionSettings(
             framing=self.framing,
@@ -136,6 +182,10 @@ class ServerConfig:
             idle_timeout=self.idle_timeout,
             line_timeout=self.line_timeout,
             write_timeout=self.write_timeout,
+            proxy=self.proxy_protocol,
+            tls=self.tls,
+            handshake_timeout=self.tls_handshake_timeout,
+            greeting=self.greeting,
         )
 
 

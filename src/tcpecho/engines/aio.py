@@ -256,6 +256,9 @@ class LoopConnection(Driver, asyncio.Protocol):
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def local_address(self) -> str:
+        return net.format_address(self.transport.get_extra_info("sockname"))
+
     def unread(self) -> int:
         sock = self.transport.get_extra_info("socket")
         if sock is None:
