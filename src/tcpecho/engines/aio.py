@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from time import monotonic
 from types import ModuleType
@@ -28,6 +29,8 @@ from tcpecho.engines.base import (
 from tcpecho.errors import ConfigError
 from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
+from tcpecho.protocol import MAX_V2_LENGTH, CloseReason
+from tcpecho.protocol.session import State
 
 
 def load_uvloop(choice: LoopName) -> ModuleType | None:
@@ -59,6 +62,7 @@ class AsyncioEngine:
         self._listeners: list[socket.socket] = []
         self._retries: dict[int, asyncio.TimerHandle] = {}  # listener fd → paused accept
         self._handshakes: set[asyncio.Task[tuple[asyncio.BaseTransport, LoopConnection]]] = set()
+        self._tls_handshakes: set[asyncio.Task[None]] = set()
         self._stop_requested: asyncio.Event | None = None
         self._all_closed: asyncio.Event | None = None
         self._forced = False
@@ -112,6 +116,11 @@ class AsyncioEngine:
             sock, address = accepted
             sock.setblocking(False)
             protocol = self._connection_class(self, address)
+            if self.core.tls_context is not None:
+                tls_task = loop.create_task(protocol.open_tls(sock, self.core.tls_context))
+                self._tls_handshakes.add(tls_task)
+                tls_task.add_done_callback(self._tls_handshakes.discard)
+                continue
             task = loop.create_task(loop.connect_accepted_socket(_factory(protocol), sock))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
@@ -161,6 +170,10 @@ class AsyncioEngine:
             sock.close()
         if self._handshakes:
             await asyncio.wait(self._handshakes)
+        for tls_task in list(self._tls_handshakes):
+            tls_task.cancel()  # the connection closes, "server stopping"
+        if self._tls_handshakes:
+            await asyncio.wait(self._tls_handshakes)
         for conn in self.core.drain_started():
             conn.stop()
         self.connection_ended()
@@ -215,11 +228,66 @@ class LoopConnection(Driver, asyncio.Protocol):
         self.write = transport.write
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_WATER)
         self.engine.live.add(self)
-        self.admit()
+        if self.session.state is State.HANDSHAKE:  # admitted by open_tls; the handshake is done
+            self.handshake_done(transport.get_extra_info("ssl_object"))
+        else:
+            self.admit()
+
+    async def open_tls(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        """Admit, read a PROXY header that TLS follows (peeked: not a byte of TLS is read),
+        then the TLS handshake; `connection_made` follows it. Until then there is no
+        transport: the session's commands are not carried out, every way out closes ``sock``
+        (a refused TLS client is sent nothing: it could not read a plain-text line)."""
+        session = self.session
+        try:
+            refusal = self.core.admit(self)
+            if refusal is None:
+                self.admitted = True
+                if session.state is State.PROXY_HEADER:
+                    await self._read_header(sock)
+            else:
+                session.refuse(refusal, monotonic())
+            session.commands.clear()
+            if session.state is State.HANDSHAKE:
+                timeout = max(session.handshake_deadline() - monotonic(), 0.001)
+                loop = asyncio.get_running_loop()
+                await loop.connect_accepted_socket(
+                    _factory(self), sock, ssl=context, ssl_handshake_timeout=timeout
+                )
+                return
+        except (OSError, asyncio.CancelledError, TimeoutError) as exc:
+            self.handshake_failed(exc if isinstance(exc, OSError) else TimeoutError())
+        if sock.fileno() != -1:
+            sock.close()
+        self.lost(None)
+        self.engine.connection_ended()
+
+    async def _read_header(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        session = self.session
+        while session.state is State.PROXY_HEADER:
+            remaining = (session.next_deadline() or monotonic()) - monotonic()
+            try:
+                await asyncio.wait_for(_readable(loop, sock), max(remaining, 0.0))
+            except TimeoutError:
+                session.handle_timeout(monotonic())
+                continue
+            try:
+                peeked = sock.recv(MAX_V2_LENGTH, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            if not peeked:
+                session.receive_data(b"", monotonic())
+                continue
+            used = session.header_peeked(peeked, monotonic())
+            if used:
+                sock.recv(used)  # all there: peeked
 
     def eof_received(self) -> bool:
         self.data_received(b"")
-        return True  # the session says when to close
+        # The session says when to close; a TLS transport closes at the client's end anyway
+        # (after what is queued), and warns when told otherwise.
+        return not self.tls_info
 
     def pause_writing(self) -> None:
         self.writing_blocked()
@@ -303,6 +371,20 @@ class BufferedLoopConnection(LoopConnection, asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         # Copied out at once: the next connection's read reuses the buffer.
         self.data_received(self.read_buffer[:nbytes].tobytes())
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+
+    def woken() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), woken)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 def _drain(sock: socket.socket) -> None:
