@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
-from tcpecho import tls
+from tcpecho import net, tls
 from tcpecho.config import ServerConfig
 from tcpecho.events import (
     AcceptFailed,
@@ -240,7 +240,7 @@ class EngineCore(Generic[DriverT]):
             retrying = exc.errno in ACCEPT_RETRY_ERRNOS
             self.emit(AcceptFailed(exc.strerror or str(exc), retrying))
             return ACCEPT_RETRY_DELAY if retrying else 0.0
-        return sock, address
+        return sock, net.plain_address(address)
 
     def drain_started(self) -> list[DriverT]:
         """Stop admitting; return the connections to drain (emits Draining)."""
