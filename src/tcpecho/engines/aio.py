@@ -101,6 +101,8 @@ class AsyncioEngine:
         # Our own accept loop rather than loop.create_server(): both loops then treat running
         # out of descriptors alike (uvloop would accept and drop such clients silently).
         loop = asyncio.get_running_loop()
+        if listener.fileno() == -1:  # closed by a stop earlier in this turn of the loop
+            return
         for _ in range(ACCEPT_BATCH):
             accepted = self.core.accept(listener)
             if accepted is None:
@@ -134,6 +136,11 @@ class AsyncioEngine:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        if loop.is_running() and _running_loop() is loop:
+            # A signal handler, run by the loop's own thread between two callbacks: stop now,
+            # not a turn later (a loop that is behind takes long over each turn).
+            self._request_stop(force)
+            return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(self._request_stop, force)
 
@@ -162,12 +169,7 @@ class AsyncioEngine:
         if self._pending_stop is not None:
             self._request_stop(self._pending_stop)
         await self._stop_requested.wait()
-        loop = asyncio.get_running_loop()
-        for handle in self._retries.values():
-            handle.cancel()
-        for sock in self._listeners:
-            loop.remove_reader(sock.fileno())
-            sock.close()
+        self._close_listeners()
         if self._handshakes:
             await asyncio.wait(self._handshakes)
         for tls_task in list(self._tls_handshakes):
@@ -193,9 +195,22 @@ class AsyncioEngine:
         if self._stop_requested is None:  # stop() before serve(): remember it
             self._pending_stop = force or bool(self._pending_stop)
             return
+        # At once, not when _serve next runs: a loop that is behind serves every connection
+        # once per turn, and new clients would be accepted until then.
+        self._close_listeners()
         self._stop_requested.set()
         if force and self._all_closed is not None:
             self._all_closed.set()
+
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        for sock in self._listeners:
+            if sock.fileno() != -1:
+                loop.remove_reader(sock.fileno())
+                sock.close()
 
     def connection_ended(self) -> None:
         if self.core.stopping and not self.core.drivers and self._all_closed is not None:
@@ -385,6 +400,13 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         await ready
     finally:
         loop.remove_reader(sock.fileno())
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _drain(sock: socket.socket) -> None:
