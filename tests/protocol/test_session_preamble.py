@@ -258,6 +258,8 @@ def test_a_bad_header_closes_with_the_parsers_words_and_answers_nothing(
     assert Command.OPEN not in driven.commands
     assert session.state is State.CLOSING
     assert driven.sent == b""
+    assert session.bytes_sent == 0  # what came after is discarded, not counted as sent
+    assert session.bytes_discarded == session.bytes_received
     assert session.client is None
 
 
@@ -456,6 +458,7 @@ def test_refuse_during_the_handshake_sends_nothing(reason: CloseReason) -> None:
     assert session.refuse(reason, 0.0) == b""
     assert session.take_commands()[-1] is Command.CLOSE
     assert session.reason is reason
+    session.receive_data(b"\x16\x03\x01", 0.5)
     assert session.bytes_sent == 0
 
 
@@ -464,6 +467,8 @@ def test_refuse_while_waiting_for_the_header_sends_the_busy_line() -> None:
     assert session.refuse(CloseReason.REFUSED_BUSY, 0.0) == BUSY_REPLY
     assert Command.SHUT_WRITE in session.take_commands()
     assert session.receive_data(V1 + b"data", 0.5) == b""
+    assert session.bytes_sent == len(BUSY_REPLY)
+    assert session.bytes_discarded == session.bytes_received == len(V1 + b"data")
 
 
 INFO: dict[str, object] = {

@@ -123,6 +123,10 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
+# The states in which what the client sends is read and discarded, never answered.
+_ANSWERS_NOTHING = frozenset({State.LINGERING, State.CLOSING, State.CLOSED})
+
+
 class CloseReason(enum.Enum):
     """Why a connection ended (or was refused), with the phrase the log prints.
 
@@ -609,7 +613,9 @@ class Session:
     def _enter(self, state: State, now: float) -> None:
         if state not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"session cannot go from {self.state.value} to {state.value}")
-        if self.state is State.OPEN:
+        if state in _ANSWERS_NOTHING:
+            # From OPEN, and from the states before it (a bad PROXY header, a refusal): what
+            # the client sends from now on is discarded, counted, never counted as sent.
             self._conn.end_input()
         self.state = state
         self._state_since = now
