@@ -292,6 +292,33 @@ def test_no_header_by_the_deadline_closes_and_not_a_moment_before() -> None:
     assert session.bytes_sent == 0
 
 
+@pytest.mark.parametrize("mode", ["on", "optional"])
+def test_the_peers_end_before_any_header_closes_at_once_as_closed_by_client(mode: str) -> None:
+    """A check that connects and closes: closed now, not at the header's deadline."""
+    session = Session(settings(proxy=mode), 0.0, proxied=True)
+    assert session.receive_data(b"", 0.5) == b""
+    assert session.take_commands()[-1] is Command.CLOSE
+    assert (session.state, session.reason) == (State.CLOSING, CloseReason.CLIENT_CLOSED)
+
+
+@pytest.mark.parametrize("mode", ["on", "optional"])
+@pytest.mark.parametrize(
+    "cut_header",
+    [V1[:1], V1[:6], V1[:9], V1[:-1], V2[:1], V2[:13], V2[:16], V2[:-1]],
+    ids=["v1-1", "v1-signature", "v1-9", "v1-all-but-LF", "v2-1", "v2-13", "v2-16", "v2-1-short"],
+)
+def test_the_peers_end_inside_a_header_closes_at_once_as_a_bad_header(
+    mode: str, cut_header: bytes
+) -> None:
+    session = Session(settings(proxy=mode), 0.0, proxied=True)
+    assert session.receive_data(cut_header, 0.2) == b""
+    assert session.receive_data(b"", 0.5) == b""
+    assert session.take_commands()[-1] is Command.CLOSE
+    assert session.reason is CloseReason.PROXY_HEADER_INVALID
+    assert session.detail == "PROXY: the connection ended inside the header"
+    assert session.bytes_sent == 0
+
+
 def test_after_the_header_the_idle_deadline_replaces_the_header_deadline() -> None:
     session = Session(settings(idle_timeout=100.0), 0.0, proxied=True)
     session.next_deadline()
