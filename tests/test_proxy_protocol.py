@@ -292,6 +292,20 @@ def test_a_connect_only_health_check_is_closed_at_once_as_closed_by_client(start
     server.echo_through(b"canary")
 
 
+def test_a_stop_closes_connections_still_waiting_for_their_header_at_once(start: Start) -> None:
+    server = start(drain_timeout=3.0)
+    with connect(server.address) as partial, connect(server.address) as silent:
+        partial.sendall(header("v2")[:9])
+        server.echo_through(b"canary")  # both connections are accepted by now
+        server.wait_for("DISCONNECTED")  # the canary's, before the stop
+        began = time.monotonic()
+        server.server.stop(timeout=5.0)
+        assert time.monotonic() - began < 1.0  # not the drain timeout
+        assert reply_until_closed(partial) == reply_until_closed(silent) == b""
+    closed = server.wait_for("DISCONNECTED", 3)
+    assert sum("closed: server stopping" in line for line in closed) == 2
+
+
 # Admission applies to the client the header names
 
 
