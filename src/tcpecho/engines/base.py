@@ -294,6 +294,9 @@ class Driver:
         refusal = self.core.admit(self)
         if refusal is None:
             self.admitted = True
+            if self.session.state is State.OPEN and self.core.config.greeting == "info":
+                # Open at once (no PROXY header, no handshake): no Command.OPEN will come.
+                self.send(self.session.opened(monotonic(), self.connection_info()))
             self.set_timer(self.session.next_deadline())
             return True
         self.send(self.session.refuse(refusal, monotonic()))

@@ -20,7 +20,7 @@ The states, and what moves a session between them (the whole table: `_TRANSITION
 same arrows and every change of state is checked against it)::
 
     PROXY_HEADER ── header read (or none, --proxy-protocol optional) ──► HANDSHAKE or OPEN
-      │ └────────── a bad header, none in time, stop ───────────────────► CLOSING
+      │ └────────── a bad header, none in time, the peer's end, stop ───► CLOSING
       └──────────── refused at accept (busy) ───────────────────────────► LINGERING
     HANDSHAKE ───── the engine's TLS handshake done ────────────────────► OPEN
       │ └────────── refused at accept (no reply: TLS) ──────────────────► CLOSING
@@ -121,6 +121,10 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
     State.CLOSING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
+
+
+# The states in which what the client sends is read and discarded, never answered.
+_ANSWERS_NOTHING = frozenset({State.LINGERING, State.CLOSING, State.CLOSED})
 
 
 class CloseReason(enum.Enum):
@@ -477,6 +481,9 @@ class Session:
             self._close(CloseReason.CLIENT_CLOSED, now)  # gone before its header was whole
             return b""
         if state is State.PROXY_HEADER:
+            if not data:
+                self._header_unfinished(now)
+                return b""
             used = self._feed_header(data, now)
             if self.state is not State.PROXY_HEADER:
                 self._held += data[used:]
@@ -557,6 +564,18 @@ class Session:
         self._after_header(now)
         return used
 
+    def _header_unfinished(self, now: float) -> None:
+        """The peer finished sending before a whole header came (a check that connects and
+        closes, a header cut short): close, answering nothing. Waiting for the header's
+        deadline instead would hold the connection for nothing (and a thread that reads the
+        end again and again would spin)."""
+        if self._header:
+            self.detail = "PROXY: the connection ended inside the header"
+            self._discard_reason = "bad PROXY header"
+            self._close(CloseReason.PROXY_HEADER_INVALID, now)
+        else:
+            self._close(CloseReason.CLIENT_CLOSED, now)
+
     def _after_header(self, now: float) -> None:
         if self.settings.tls:
             self._enter(State.HANDSHAKE, now)
@@ -612,7 +631,9 @@ class Session:
     def _enter(self, state: State, now: float) -> None:
         if state not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"session cannot go from {self.state.value} to {state.value}")
-        if self.state is State.OPEN:
+        if state in _ANSWERS_NOTHING:
+            # From OPEN, and from the states before it (a bad PROXY header, a refusal): what
+            # the client sends from now on is discarded, counted, never counted as sent.
             self._conn.end_input()
         self.state = state
         self._state_since = now
