@@ -116,7 +116,7 @@ class EngineCore(Generic[DriverT]):
         self.admission = Admission(
             config.max_connections, config.max_per_address, config.access_list()
         )
-        self.log = EventLog(log_messages=config.log_messages, worker=config.worker)
+        self.log = EventLog(log_messages=not config.quiet, worker=config.worker)
         self.counters = Counters()
         self.emit = EventStream([self.log, self.counters, *consumers])
         self.log_messages = self.log.wants_messages
