@@ -165,7 +165,7 @@ class Option:
     # How --help and the docs show the default, when the value itself would not say what it
     # means (an empty list of allowed networks means every address).
     default_text: str | None = None
-    # Added to the help in the docs table, where there is room (Markdown).
+    # Added after the help in the docs table, where there is room (Markdown, in parentheses).
     details: str = ""
 
     @property
@@ -323,8 +323,8 @@ OPTIONS: tuple[Option, ...] = (
         "host",
         "where to listen",
         "address or name to listen on",
-        details="a name that resolves to several addresses (IPv4 and IPv6) listens on all; "
-        "`::` is IPv6 only",
+        details="(a name that resolves to several addresses, IPv4 and IPv6, listens on all; "
+        "`::` is IPv6 only)",
     ),
     Option(
         "port",
@@ -352,8 +352,8 @@ OPTIONS: tuple[Option, ...] = (
         "loop",
         "how to serve",
         "event loop of the asyncio engine; auto takes uvloop when installed",
-        details="`asyncio` is the stdlib loop; `uvloop` fails with one line when it is not "
-        "installed",
+        details="(`asyncio`: the stdlib loop; `uvloop` fails with one line when it is not "
+        "installed)",
     ),
     Option(
         "workers",
@@ -361,8 +361,8 @@ OPTIONS: tuple[Option, ...] = (
         "processes sharing the port",
         metavar="N",
         at_least=1,
-        details="they accept on one listening socket, which the supervisor opens and they "
-        "inherit; a worker that dies is restarted (see [Workers](#workers))",
+        details="(on one listening socket, which the supervisor opens and they inherit; a "
+        "worker that dies is restarted; see [Workers](#workers))",
     ),
     Option(
         "framing",
@@ -403,7 +403,7 @@ OPTIONS: tuple[Option, ...] = (
         "clients served at once from one address; more are refused; 0: no limit",
         metavar="N",
         at_least=0,
-        details="(with `ERROR too many connections from your address`). Raise it for a load "
+        details="(with `ERROR too many connections from your address`); raise it for a load "
         "test from one host, or behind a proxy that does not send the PROXY protocol",
     ),
     Option(
@@ -429,7 +429,7 @@ OPTIONS: tuple[Option, ...] = (
         "close a connection with nothing received and nothing to send for this long; 0: never",
         metavar="SECONDS",
         at_least=0,
-        details="five minutes leaves a person typing into `nc` time to think",
+        details="(five minutes leaves a person typing into `nc` time to think)",
     ),
     Option(
         "line_timeout",
@@ -438,9 +438,9 @@ OPTIONS: tuple[Option, ...] = (
         "error and is closed; 0: never",
         metavar="SECONDS",
         at_least=0,
-        details="however slowly the bytes come (this is what stops slowloris): the client gets "
-        "`ERROR line timeout: no newline within 30s`, then the end. A terminal sends a whole "
-        "line at once, so a person never meets it",
+        details="(however slowly its bytes come: this is what stops slowloris; the client "
+        "gets `ERROR line timeout: no newline within 30s`, then the end; a terminal sends a "
+        "whole line at once, so a person never meets it)",
     ),
     Option(
         "write_timeout",
@@ -463,7 +463,7 @@ OPTIONS: tuple[Option, ...] = (
         "log_format",
         "logging",
         "console: the seed's [TAG] lines; json: one object per line",
-        details="with `time`, `level`, `event`, `message` and fields such as `peer`",
+        details="(with `time`, `level`, `event`, `message` and fields such as `peer`)",
     ),
     Option("quiet", "logging", "do not log each message received", short="-q"),
 )
@@ -627,9 +627,10 @@ def _comment_text(text: str) -> str:
 
 
 def describe(value: object) -> str:
-    """A value as the command line would take it: 300.0 as 300, True as on, () as none."""
+    """A value as a person reads it: 300.0 as 300, () as none, a string quoted only when its
+    spaces would not show."""
     if isinstance(value, bool):
-        return "on" if value else "off"
+        return "true" if value else "false"
     if isinstance(value, float):
         return _number(value)
     if value is None or value == ():
@@ -663,7 +664,7 @@ def options_table() -> str:
             f"`{option.env}`",
             _default_cell(option),
             _values_cell(option),
-            f"{option.help}; {option.details}" if option.details else option.help,
+            f"{option.help} {option.details}" if option.details else option.help,
         )
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     rows.append(TABLE_END)
@@ -692,7 +693,7 @@ def _values_cell(option: Option) -> str:
     elif value_type.base is bool:
         text = "boolean"
     elif value_type.base is str:
-        text = option.metavar.lower() if option.metavar else "text"
+        text = "text"
     else:
         text = "integer" if value_type.base is int else "number"
         bounds = _bounds(option)
