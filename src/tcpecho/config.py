@@ -248,7 +248,8 @@ class Option:
             if base is int or base is float:
                 return base(text)
         except (KeyError, ValueError):
-            raise ConfigError(self.flag, text, f"not {_NOUNS[base]}") from None
+            words = ": use 1, 0, true, false, yes or no" if base is bool else ""
+            raise ConfigError(self.flag, text, f"not {_NOUNS[base]}{words}") from None
         return text
 
     def from_toml(self, value: object) -> Any:
@@ -476,7 +477,7 @@ _NOUNS: Mapping[type, str] = {
     int: "an integer",
     float: "a number",
     str: "a string",
-    bool: "a boolean (1, 0, true, false, yes or no)",
+    bool: "a boolean",
 }
 
 
