@@ -33,5 +33,6 @@ callgrind_control -i off "$server" >/dev/null
 kill -INT "$server"
 wait "$server" || true
 rt=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['round_trips'])" "$work/bench.json")
-ir=$(callgrind_annotate "$work/cg.out" | grep -m1 "PROGRAM TOTALS" | awk '{gsub(",", "", $1); print $1}')
+# awk reads to the end: grep -m1 would close the pipe early, and pipefail would end the script.
+ir=$(callgrind_annotate "$work/cg.out" | awk '/PROGRAM TOTALS/ && !n++ {gsub(",", "", $1); print $1}')
 echo "$script $* size=$SIZE connections=$C round_trips=$rt Ir=$ir Ir/rt=$((ir / rt))"

@@ -29,6 +29,15 @@ INTERNAL_FIELDS = {"worker", "listen_fds"}
 NETWORK_SAMPLES: dict[str, tuple[str, ...]] = {
     "allow": ("192.0.2.0/24", "2001:db8::/32"),
     "deny": ("198.51.100.7",),
+    "proxy_trusted": ("10.1.0.0/16",),
+}
+# The other options an option's sample needs (ServerConfig checks one against the other), given
+# on the command line beside it.
+COMPANIONS: dict[str, list[str]] = {
+    "proxy_protocol": ["--proxy-trusted", "10.1.0.0/16"],
+    "tls_key": ["--tls-cert", "cert.pem"],
+    "tls_cert": ["--tls-key", "key.pem"],
+    "tls_client_ca": ["--tls-cert", "cert.pem", "--tls-key", "key.pem"],
 }
 SOURCES = ("command line", "env", "file")
 
@@ -161,7 +170,7 @@ def test_the_sample_of_each_option_is_valid_and_not_its_default(option: Option) 
 def test_every_option_can_be_set_from_each_source(given: Given, option: Option, where: str) -> None:
     value = sample(option)
     given.set(where, option, value)
-    printed, source = given.effective()[option.key]
+    printed, source = given.effective(*COMPANIONS.get(option.name, []))[option.key]
     assert (tuple(printed) if isinstance(printed, list) else printed) == value
     assert source == source_label(where, option, given.file)
 
@@ -283,6 +292,8 @@ FILE_ERRORS = [
     ('deny = ["10.0.0.0/8", "x"]', ["invalid deny 'x'", "not an IP address or CIDR network"]),
     ("quiet = 1", ["invalid quiet 1", "must be a boolean"]),
     ("[serve]\nport = 80", ["unknown option 'serve'", "at the top level, not in a table"]),
+    ('proxy-protocol = "on"', ["invalid proxy-protocol 'on'", "with --proxy-trusted CIDR"]),
+    ('tls-key = "key.pem"', ["invalid tls-key 'key.pem'", "needs --tls-cert"]),
 ]
 
 
@@ -305,6 +316,7 @@ ENV_ERRORS = [
     ("TCPECHO_QUIET", "maybe", ["invalid TCPECHO_QUIET 'maybe'", "not a boolean"]),
     ("TCPECHO_LOOP", "trio", ["invalid TCPECHO_LOOP 'trio'", "choose from auto, asyncio"]),
     ("TCPECHO_ALLOW", "10.0.0.0/8,bad", ["invalid TCPECHO_ALLOW 'bad'", "not an IP address"]),
+    ("TCPECHO_TLS_CLIENT_CA", "ca.pem", ["invalid TCPECHO_TLS_CLIENT_CA", "needs --tls-cert"]),
 ]
 
 

@@ -25,11 +25,14 @@ from tcpecho.protocol import (
     DEFAULT_LINE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PER_ADDRESS,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     DEFAULT_WRITE_TIMEOUT,
     MAX_LINE_LENGTH,
     AccessList,
     Framing,
+    Greeting,
     Network,
+    ProxyMode,
     ReplyMode,
     SessionSettings,
     parse_network,
@@ -46,6 +49,8 @@ FRAMINGS: tuple[Framing, ...] = get_args(Framing)
 REPLY_MODES: tuple[ReplyMode, ...] = get_args(ReplyMode)
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+PROXY_MODES: tuple[ProxyMode, ...] = get_args(ProxyMode)
+GREETINGS: tuple[Greeting, ...] = get_args(Greeting)
 
 # The seed's address: every interface, port 65432.
 DEFAULT_HOST = "0.0.0.0"
@@ -94,6 +99,13 @@ class ServerConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     line_timeout: float = DEFAULT_LINE_TIMEOUT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    proxy_protocol: ProxyMode = "off"
+    proxy_trusted: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    greeting: Greeting = "off"
     workers: int = 1
     # Set by the supervisor for its worker processes: the worker's number (0: no workers).
     worker: int = 0
@@ -108,6 +120,32 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for option in OPTIONS:
             option.check(getattr(self, option.name))
+        # What one option's value requires of others.
+        _require(
+            self.proxy_protocol == "off" or bool(self.proxy_trusted),
+            "--proxy-protocol",
+            self.proxy_protocol,
+            "give the proxies allowed to send a header with --proxy-trusted CIDR",
+        )
+        # Each error names the option that was given, so that it names where it was given.
+        _require(
+            self.tls_key is None or self.tls_cert is not None,
+            "--tls-key",
+            self.tls_key,
+            "needs --tls-cert",
+        )
+        _require(
+            self.tls_cert is None or self.tls_key is not None,
+            "--tls-cert",
+            self.tls_cert,
+            "needs --tls-key",
+        )
+        _require(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "--tls-client-ca",
+            self.tls_client_ca,
+            "needs --tls-cert and --tls-key",
+        )
 
     def access_list(self) -> AccessList:
         """``allow`` and ``deny`` parsed. Raises `ConfigError` for an entry that is no network."""
@@ -115,6 +153,13 @@ class ServerConfig:
             allow=tuple(_network("--allow", text) for text in self.allow),
             deny=tuple(_network("--deny", text) for text in self.deny),
         )
+
+    def trusted_proxies(self) -> tuple[Network, ...]:
+        return tuple(_network("--proxy-trusted", text) for text in self.proxy_trusted)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def session_settings(self) -> SessionSettings:
         return SessionSettings(
@@ -125,6 +170,10 @@ class ServerConfig:
             idle_timeout=self.idle_timeout,
             line_timeout=self.line_timeout,
             write_timeout=self.write_timeout,
+            proxy=self.proxy_protocol,
+            tls=self.tls,
+            handshake_timeout=self.tls_handshake_timeout,
+            greeting=self.greeting,
         )
 
 
@@ -459,6 +508,39 @@ OPTIONS: tuple[Option, ...] = (
         at_least=0,
         details="(see [Stopping](#stopping))",
     ),
+    Option("tls_cert", "TLS", "serve TLS with this certificate (PEM)", metavar="FILE"),
+    Option("tls_key", "TLS", "the certificate's private key (PEM)", metavar="FILE"),
+    Option(
+        "tls_client_ca",
+        "TLS",
+        "require a client certificate signed by a CA in this file (mutual TLS)",
+        metavar="FILE",
+    ),
+    Option(
+        "tls_handshake_timeout",
+        "TLS",
+        "close a client whose handshake is not done this long after it connected",
+        metavar="SECONDS",
+        more_than=0,
+    ),
+    Option(
+        "proxy_protocol",
+        "behind a proxy",
+        "on: every connection starts with a PROXY header (v1 or v2) naming the real client; "
+        "optional: with or without one",
+    ),
+    Option(
+        "proxy_trusted",
+        "behind a proxy",
+        "the proxies allowed to send a PROXY header",
+        metavar="CIDR",
+        check_item=_cidr,
+    ),
+    Option(
+        "greeting",
+        "behind a proxy",
+        "info: send one JSON line describing the connection first",
+    ),
     Option("log_level", "logging", "how much to log"),
     Option(
         "log_format",
@@ -516,7 +598,22 @@ def resolve(
     for name, value in command_line.items():
         values[name] = value
         sources[name] = FROM_COMMAND_LINE
-    return ResolvedConfig(ServerConfig(**values), sources)
+    try:
+        return ResolvedConfig(ServerConfig(**values), sources)
+    except ConfigError as exc:
+        raise _located(exc, sources) from None
+
+
+def _located(exc: ConfigError, sources: Mapping[str, str]) -> ConfigError:
+    """An error of one option's value against another's (each alone was checked as it was
+    read), renamed for where the option it names came from."""
+    option = next((option for option in OPTIONS if option.flag == exc.option), None)
+    source = sources[option.name] if option else FROM_DEFAULT
+    if option is None or source in (FROM_DEFAULT, FROM_COMMAND_LINE):
+        return exc
+    if source.startswith("env "):
+        return ConfigError(option.env, exc.value, exc.reason, ENVIRONMENT)
+    return ConfigError(option.key, exc.value, exc.reason, source.removeprefix("file "))
 
 
 def read_file(path: str) -> dict[str, Any]:
@@ -567,6 +664,11 @@ def _no_such_option(name: str, known: Mapping[str, Option], hint: str = "") -> s
     if hint:
         return f"{reason}; {hint}"
     return f"{reason}; the closest is {close[0]}" if close else reason
+
+
+def _require(ok: bool, option: str, value: object, reason: str) -> None:
+    if not ok:
+        raise ConfigError(option, value, reason)
 
 
 def _network(option: str, text: str) -> Network:

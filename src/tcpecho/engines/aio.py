@@ -1,7 +1,7 @@
 """One event loop for every connection: asyncio, or uvloop when installed.
 
-Each connection is an `asyncio.BufferedProtocol` and a `Driver`, feeding the same `Session` as
-the threads engine; this module only moves bytes, owns the transports and keeps the timers.
+Each connection is an asyncio protocol and a `Driver`, feeding the same `Session` as the threads
+engine; this module only moves bytes, owns the transports and keeps the timers.
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ class AsyncioEngine:
         # a plain Protocol, the stdlib loop would allocate a fresh 256 KiB bytes for every read,
         # which glibc serves with mmap, mremap and munmap: three system calls and a page fault
         # per read, which made that loop's throughput half of what it is now.
+        # uvloop reads into a buffer of its own and hands a plain Protocol one bytes object,
+        # which costs less than the two Python calls and the copy of a BufferedProtocol.
         self.read_buffer = memoryview(bytearray(RECV_SIZE))
+        self._connection_class: type[LoopConnection] = (
+            LoopConnection if self._uvloop else BufferedLoopConnection
+        )
 
     @property
     def description(self) -> str:
@@ -106,7 +111,7 @@ class AsyncioEngine:
                 return
             sock, address = accepted
             sock.setblocking(False)
-            protocol = LoopConnection(self, address)
+            protocol = self._connection_class(self, address)
             task = loop.create_task(loop.connect_accepted_socket(_factory(protocol), sock))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
@@ -190,16 +195,16 @@ class AsyncioEngine:
         )
 
 
-class LoopConnection(Driver, asyncio.BufferedProtocol):
+class LoopConnection(Driver, asyncio.Protocol):
     """One connection: the transport's callbacks fed to the `Driver`, its commands carried out
-    on the transport, and the one timer a `TimerHandle`."""
+    on the transport, and the one timer a `TimerHandle`. As a plain Protocol, the loop calls
+    `Driver.data_received` with each read."""
 
     transport: asyncio.Transport  # set by connection_made, before any other call
 
     def __init__(self, engine: AsyncioEngine, address: Address) -> None:
         super().__init__(engine.core, address)
         self.engine = engine
-        self.read_buffer = engine.read_buffer
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._unsent = 0
@@ -211,13 +216,6 @@ class LoopConnection(Driver, asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_WATER)
         self.engine.live.add(self)
         self.admit()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # Copied out at once: the next connection's read reuses the buffer.
-        self.data_received(self.read_buffer[:nbytes].tobytes())
 
     def eof_received(self) -> bool:
         self.data_received(b"")
@@ -258,6 +256,9 @@ class LoopConnection(Driver, asyncio.BufferedProtocol):
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def local_address(self) -> str:
+        return net.format_address(self.transport.get_extra_info("sockname"))
+
     def unread(self) -> int:
         sock = self.transport.get_extra_info("socket")
         if sock is None:
@@ -287,6 +288,21 @@ class LoopConnection(Driver, asyncio.BufferedProtocol):
             self._timer.cancel()
         self._timer = None
         self._timer_at = None
+
+
+class BufferedLoopConnection(LoopConnection, asyncio.BufferedProtocol):
+    """A `LoopConnection` that reads into the engine's one buffer (the stdlib loop's choice)."""
+
+    def __init__(self, engine: AsyncioEngine, address: Address) -> None:
+        super().__init__(engine, address)
+        self.read_buffer = engine.read_buffer
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Copied out at once: the next connection's read reuses the buffer.
+        self.data_received(self.read_buffer[:nbytes].tobytes())
 
 
 def _drain(sock: socket.socket) -> None:

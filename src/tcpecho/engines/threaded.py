@@ -345,6 +345,9 @@ class ThreadConnection(Driver):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.reading = False
 
+    def local_address(self) -> str:
+        return net.format_address(self.sock.getsockname())
+
     def pause_reading(self) -> None:
         pass  # this thread is blocked in send: it reads again only when the send is done
 
