@@ -158,6 +158,11 @@ class ServerConfig:
         return tuple(_network("--proxy-trusted", text) for text in self.proxy_trusted)
 
     @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every address to listen on."""
+        return (self.host,)
+
+    @property
     def tls(self) -> bool:
         return self.tls_cert is not None
 

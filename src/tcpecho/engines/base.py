@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
+from tcpecho import net, tls
 from tcpecho.config import ServerConfig
 from tcpecho.events import (
     AcceptFailed,
@@ -122,6 +124,15 @@ class EngineCore(Generic[DriverT]):
         )
         self.proxy_mode = config.proxy_protocol
         self.server_id = socket.gethostname()  # for --greeting info
+        # Built once, here, so that a certificate that cannot be used stops the start-up.
+        self.tls_context: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls_context = tls.server_context(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+            self.tls_context.sni_callback = self._sni_received
+        self.server_names: dict[int, str] = {}  # id of a connection's SSL object → its SNI
+
         self.log = EventLog(log_messages=not config.quiet, worker=config.worker)
         self.counters = Counters()
         self.emit = EventStream([self.log, self.counters, *consumers])
@@ -129,6 +140,12 @@ class EngineCore(Generic[DriverT]):
         self.drivers: set[DriverT] = set()
         self.stopping = False
         self._lock: AbstractContextManager[object] = threading.Lock() if threaded else nullcontext()
+
+    def _sni_received(
+        self, connection: ssl.SSLSocket | ssl.SSLObject, name: str | None, _: ssl.SSLContext
+    ) -> None:
+        if name:
+            self.server_names[id(connection)] = name
 
     def proxied(self, host: str) -> bool:
         """Does a connection from ``host`` begin with a PROXY header (or may it)?"""
@@ -223,7 +240,7 @@ class EngineCore(Generic[DriverT]):
             retrying = exc.errno in ACCEPT_RETRY_ERRNOS
             self.emit(AcceptFailed(exc.strerror or str(exc), retrying))
             return ACCEPT_RETRY_DELAY if retrying else 0.0
-        return sock, address
+        return sock, net.plain_address(address)
 
     def drain_started(self) -> list[DriverT]:
         """Stop admitting; return the connections to drain (emits Draining)."""
@@ -397,7 +414,7 @@ class Driver:
         info = self.tls_info
         if not info:
             return ""
-        subject = info.get("client_subject")
+        subject = info.get("peer_subject")
         return f"{info['version']} {info['cipher']}" + (f", client {subject}" if subject else "")
 
     def connection_info(self) -> dict[str, object]:
@@ -418,6 +435,26 @@ class Driver:
     def local_address(self) -> str:
         """The server's address of this connection (for the greeting)."""
         return ""
+
+    def handshake_done(self, connection: ssl.SSLSocket | ssl.SSLObject) -> None:
+        """The engine's TLS handshake succeeded: the connection opens."""
+        with self.contained():
+            self.tls_info = tls.describe_tls(connection)
+            self.tls_info["sni"] = self.core.server_names.pop(id(connection), "")
+            self.session.handshake_done(monotonic())
+            self.carry_out()
+
+    def handshake_failed(self, exc: BaseException) -> None:
+        """The engine's TLS handshake failed; the engine then closes and calls `lost`."""
+        if self.core.stopping:
+            self.session.stop(monotonic())
+        elif isinstance(exc, OSError):
+            self.session.handshake_failed(
+                tls.describe_ssl_error(exc), timed_out=isinstance(exc, TimeoutError)
+            )
+        else:
+            self.session.handshake_failed(str(exc) or type(exc).__name__)
+        self.session.commands.clear()  # the engine closes the socket itself
 
     # The mechanisms, supplied by each engine.
 

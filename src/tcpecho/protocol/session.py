@@ -473,6 +473,9 @@ class Session:
 
     def _receive(self, data: bytes, now: float) -> bytes:
         state = self.state
+        if state is State.PROXY_HEADER and not data:
+            self._close(CloseReason.CLIENT_CLOSED, now)  # gone before its header was whole
+            return b""
         if state is State.PROXY_HEADER:
             used = self._feed_header(data, now)
             if self.state is not State.PROXY_HEADER:
