@@ -133,7 +133,7 @@ class EngineCore(Generic[DriverT]):
             self.tls_context.sni_callback = self._sni_received
         self.server_names: dict[int, str] = {}  # id of a connection's SSL object → its SNI
 
-        self.log = EventLog(log_messages=config.log_messages, worker=config.worker)
+        self.log = EventLog(log_messages=not config.quiet, worker=config.worker)
         self.counters = Counters()
         self.emit = EventStream([self.log, self.counters, *consumers])
         self.log_messages = self.log.wants_messages
