@@ -47,7 +47,7 @@ def serve(engine: str) -> Iterator[ServerFactory]:
     with ExitStack() as stack:
 
         def start(**options: Any) -> RunningServer:
-            options.setdefault("host", "127.0.0.1")
+            options.setdefault("host", ("127.0.0.1",))
             options.setdefault("port", 0)
             options.setdefault("drain_timeout", 2.0)
             options = {**engine_options(engine), **options}

@@ -82,7 +82,7 @@ class ServerConfig:
     in `OPTIONS`. Built directly (a library, a test) it reads no file and no environment.
     """
 
-    host: str = DEFAULT_HOST
+    host: tuple[str, ...] = (DEFAULT_HOST,)
     port: int = DEFAULT_PORT
     engine: EngineName = "threads"
     loop: LoopName = "auto"
@@ -118,6 +118,8 @@ class ServerConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.host, str):  # one address, as code (not a source) may give it
+            object.__setattr__(self, "host", (self.host,))
         for option in OPTIONS:
             option.check(getattr(self, option.name))
         # What one option's value requires of others.
@@ -156,11 +158,6 @@ class ServerConfig:
 
     def trusted_proxies(self) -> tuple[Network, ...]:
         return tuple(_network("--proxy-trusted", text) for text in self.proxy_trusted)
-
-    @property
-    def hosts(self) -> tuple[str, ...]:
-        """Every address to listen on."""
-        return (self.host,)
 
     @property
     def tls(self) -> bool:
@@ -309,6 +306,8 @@ class Option:
     def from_toml(self, value: object) -> Any:
         """``value`` as read by tomllib, checked. Raises `ConfigError`."""
         if self.type.repeatable:
+            if isinstance(value, str):  # one item: host = "::" as well as host = ["::"]
+                value = [value]
             if not isinstance(value, list):
                 raise ConfigError(self.flag, value, f"must be an array, not {_toml_type(value)}")
             result: Any = tuple(self._item_from_toml(item) for item in value)
@@ -377,9 +376,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "host",
         "where to listen",
-        "address or name to listen on",
+        "address or name to listen on (repeatable: every one is listened on)",
         details="(a name that resolves to several addresses, IPv4 and IPv6, listens on all; "
-        "`::` is IPv6 only)",
+        "`::` takes IPv4 clients too, logged as plain IPv4, unless an IPv4 address is "
+        "listened on as well; `::1` is IPv6 only)",
     ),
     Option(
         "port",

@@ -51,7 +51,7 @@ def listening_sockets(config: ServerConfig) -> list[socket.socket]:
     (closing a wrapped one closes that descriptor in this process only).
     """
     if not config.listen_fds:
-        return open_listeners(config.hosts, config.port, config.backlog)
+        return open_listeners(config.host, config.port, config.backlog)
     listeners: list[socket.socket] = []
     try:
         for fd in config.listen_fds:

@@ -107,7 +107,7 @@ def _serve_workers(config: ServerConfig) -> Summary:
     the sum of the summaries they report. Raises `HostNotFound` or a `BindError` when it cannot
     listen, `WorkersFailing` when workers keep dying as soon as they start.
     """
-    listeners = net.open_listeners(config.hosts, config.port, config.backlog)
+    listeners = net.open_listeners(config.host, config.port, config.backlog)
     try:
         fds = tuple(sock.fileno() for sock in listeners)
         worker_config = dataclasses.replace(config, workers=1, listen_fds=fds)
