@@ -29,7 +29,7 @@ from tcpecho.engines.base import (
 from tcpecho.errors import ConfigError
 from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
-from tcpecho.protocol import MAX_V2_LENGTH, CloseReason
+from tcpecho.protocol import MAX_V2_LENGTH
 from tcpecho.protocol.session import State
 
 
