@@ -116,7 +116,11 @@ def describe_ssl_error(exc: OSError) -> str:
     certificate``, ``wrong version number`` (the peer does not speak TLS), …"""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or (
+        # What asyncio's and uvloop's TLS protocols raise for an end of stream during the
+        # handshake: a bare ConnectionResetError, without errno or text (a reset has both).
+        isinstance(exc, ConnectionResetError) and not exc.args
+    ):
         return "the peer closed the connection during the TLS handshake"
     if isinstance(exc, ssl.SSLError):
         return _openssl_reason(exc)
