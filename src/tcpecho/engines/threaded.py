@@ -437,6 +437,10 @@ def _close_notify(sock: socket.socket) -> None:
 
 def _read_pending(sock: socket.socket) -> bytes:
     """What the client has sent that is queued in the kernel now, without waiting."""
+    if isinstance(sock, ssl.SSLSocket):
+        # It takes no flags (ValueError). Its read side ended at the shutdown: what was sent
+        # before the stop has been read, and what comes after it is not answered.
+        return b""
     chunks = []
     while True:
         try:
