@@ -271,7 +271,11 @@ class LoopConnection(Driver, asyncio.Protocol):
                 )
                 return
         except (OSError, asyncio.CancelledError, TimeoutError) as exc:
-            self.handshake_failed(exc if isinstance(exc, OSError) else TimeoutError())
+            # The loop's ssl_handshake_timeout ends a handshake with ConnectionAbortedError
+            # ("SSL handshake is taking longer than …"), in asyncio and uvloop alike: the only
+            # ConnectionAbortedError their TLS protocols raise.
+            timed_out = not isinstance(exc, OSError) or isinstance(exc, ConnectionAbortedError)
+            self.handshake_failed(TimeoutError() if timed_out else exc)
         if sock.fileno() != -1:
             sock.close()
         self.lost(None)

@@ -236,6 +236,7 @@ class ThreadConnection(Driver):
         self._forced: CloseReason | None = None
         self._unsent = 0  # bytes of replies an abort dropped
         self._tls = False
+        self._timed_out: tuple[type[Exception], ...] = _TIMED_OUT  # what the timer raises
 
     def run(self) -> None:
         error: BaseException | None = None
@@ -283,6 +284,7 @@ class ThreadConnection(Driver):
     def _handshake(self, context: ssl.SSLContext) -> None:
         tls_sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
         self.sock, self._send, self._tls = tls_sock, tls_sock.send, True
+        self._timed_out = _TLS_TIMED_OUT
         tls_sock.settimeout(max(self.session.handshake_deadline() - monotonic(), 0.001))
         try:
             tls_sock.do_handshake()
@@ -302,7 +304,7 @@ class ThreadConnection(Driver):
                 self._arm(socket.SO_RCVTIMEO)
             try:
                 data = recv(RECV_SIZE)
-            except _TIMED_OUT:  # SO_RCVTIMEO: the timer fired
+            except self._timed_out:  # SO_RCVTIMEO (TLS: the socket's timeout): the timer fired
                 self.timer_fired()
                 continue
             if data:
@@ -359,7 +361,7 @@ class ThreadConnection(Driver):
             self._arm(socket.SO_SNDTIMEO)
             try:
                 rest = rest[self.sock.send(rest) :]
-            except _TIMED_OUT:  # SO_SNDTIMEO: the timer fired
+            except self._timed_out:  # SO_SNDTIMEO (TLS: the socket's timeout): the timer fired
                 self.timer_fired()
         if self.reading:
             self.writing_resumed()
@@ -413,6 +415,11 @@ class ThreadConnection(Driver):
     def _arm(self, option: int) -> None:
         self._timer_dirty = False
         seconds = 0.0 if self.deadline is None else max(self.deadline - monotonic(), 0.001)
+        if self._tls:
+            # A blocking SSLSocket retries a read or write that SO_RCVTIMEO or SO_SNDTIMEO cut
+            # short, so those never fire: its own timeout (a poll before each try) does.
+            self.sock.settimeout(seconds or None)
+            return
         whole = int(seconds)
         timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
         self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
@@ -423,8 +430,15 @@ class ThreadConnection(Driver):
 ACK_POLL = 0.005
 _NO_THREAD = threading.Thread(name="none")  # never started
 _DONTWAIT = socket.MSG_DONTWAIT  # a send that would block returns at once: see _send_blocked
-# What a blocking call raises when SO_RCVTIMEO or SO_SNDTIMEO expires, on a TCP or TLS socket.
-_TIMED_OUT = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# What a blocking call raises when SO_RCVTIMEO or SO_SNDTIMEO expires.
+_TIMED_OUT: tuple[type[Exception], ...] = (BlockingIOError,)
+# What a TLS socket's read or write raises when the timeout `_arm` gave it expires. Only
+# here TimeoutError: on a TCP socket it is the kernel's ETIMEDOUT, a network error.
+_TLS_TIMED_OUT: tuple[type[Exception], ...] = (
+    TimeoutError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
+)
 
 
 def _close_notify(sock: socket.socket) -> None:
@@ -437,6 +451,10 @@ def _close_notify(sock: socket.socket) -> None:
 
 def _read_pending(sock: socket.socket) -> bytes:
     """What the client has sent that is queued in the kernel now, without waiting."""
+    if isinstance(sock, ssl.SSLSocket):
+        # It takes no flags (ValueError). Its read side ended at the shutdown: what was sent
+        # before the stop has been read, and what comes after it is not answered.
+        return b""
     chunks = []
     while True:
         try:
