@@ -581,7 +581,8 @@ OPTIONS: tuple[Option, ...] = (
         "log_format",
         "logging",
         "console: the seed's [TAG] lines; json: one object per line",
-        details="(with `time`, `level`, `event`, `message` and fields such as `peer`)",
+        details="(with `time`, `level`, `event`, `tag`, `message` and fields such as `peer`; "
+        "every event and its fields: [docs/metrics.md](metrics.md#the-logs-events))",
     ),
     Option("quiet", "logging", "do not log each message received", short="-q"),
     Option(
