@@ -114,3 +114,20 @@ class WorkersFailing(TcpEchoError):
             f"{self.deaths} workers in a row died within {self.within:g}s of starting; "
             "their log lines above say why"
         )
+
+
+class TLSConfigError(TcpEchoError):
+    """A TLS file cannot be used. ``files`` are the (option, path) pairs it concerns, such as
+    ``(("--tls-cert", "cert.pem"), ("--tls-key", "key.pem"))``; ``reason`` is the OS's or
+    OpenSSL's."""
+
+    exit_code = 10
+
+    def __init__(self, files: tuple[tuple[str, str], ...], reason: str) -> None:
+        super().__init__(files, reason)
+        self.files = files
+        self.reason = reason
+
+    def __str__(self) -> str:
+        named = " / ".join(f"{option} {path}" for option, path in self.files)
+        return f"cannot load {named}: {self.reason}"
