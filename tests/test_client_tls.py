@@ -8,8 +8,15 @@ committed). The peer is a real TLS server on a socket bound to port 0, built on 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import socket
 import ssl
-from dataclasses import dataclass
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,7 +24,14 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from tcpecho import tls
+from tcpecho.cli import main
+from tcpecho.client import EchoClient
 from tcpecho.errors import TLSConfigError
+from tcpecho.protocol.proxy import encode_v1, encode_v2, parse
+from tests.helpers import ROOT
+
+# Bound for anything that should happen at once.
+PROMPTLY = 10.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,8 @@ class Pki:
     client_key: str
     other_ca: str
     other_key: str  # the key of a certificate from the other CA: matches no cert here
+    self_signed_cert: str  # the CA's own certificate, served as a server's: self-signed
+    self_signed_key: str
     directory: Path
 
 
@@ -56,6 +72,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         client_key=write("client.key", client.private_key_pem),
         other_ca=write("other-ca.pem", other.cert_pem),
         other_key=write("stranger.key", stranger.private_key_pem),
+        self_signed_cert=write("self-signed.pem", ca.cert_pem),
+        self_signed_key=write("self-signed.key", ca.private_key_pem),
         directory=directory,
     )
 
@@ -160,3 +178,289 @@ def _odd_files(pki: Pki) -> dict[str, str]:
         "garbage": str(garbage),
         "encrypted": str(encrypted),
     }
+
+
+# A TLS echo peer that records what it received
+
+
+@dataclass
+class Received:
+    """What the peer saw on one connection."""
+
+    peer: tuple[str, int]  # the TCP connection's remote address (the client's local one)
+    local: tuple[str, int]  # the address the client connected to
+    proxy_header: bytes = b""  # the bytes of the PROXY header, when the peer expected one
+    tls: dict[str, str] = field(default_factory=dict)  # tls.describe_tls after the handshake
+    server_name: str | None = None  # the SNI the client sent
+    error: str = ""  # why the handshake failed, if it did
+
+
+class EchoPeer:
+    """An echo server on ``host``, port 0, a thread per connection, all owned and joined.
+
+    With ``context``, it speaks TLS (``None``: plain TCP). With ``expect_proxy``, each
+    connection must begin with a PROXY header, read byte by byte (so that none of the TLS
+    handshake behind it is consumed) and recorded. Use it as a context manager.
+    """
+
+    def __init__(
+        self,
+        context: ssl.SSLContext | None,
+        host: str = "127.0.0.1",
+        expect_proxy: bool = False,
+    ) -> None:
+        self.context = context
+        self.expect_proxy = expect_proxy
+        self.received: list[Received] = []
+        self._names: dict[int, str | None] = {}
+        if context is not None:
+            context.sni_callback = self._record_name
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, 0), family=family)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self._threads: list[threading.Thread] = []
+        self._open: list[socket.socket] = []
+        self._acceptor = threading.Thread(target=self._accept, name="peer-accept")
+
+    def __enter__(self) -> EchoPeer:
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self._acceptor.join(PROMPTLY)
+        for sock in list(self._open):  # wake each handler blocked in recv
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(PROMPTLY)
+
+    def _record_name(self, connection: object, name: str | None, _: ssl.SSLContext) -> None:
+        # ``connection`` is the SSLSocket that wrap_socket is about to return.
+        self._names[id(connection)] = name
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                return
+            record = Received(peer=peer[:2], local=conn.getsockname()[:2])
+            self.received.append(record)
+            thread = threading.Thread(
+                target=self._serve, args=(conn, record), name=f"peer-{peer[0]}:{peer[1]}"
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, record: Received) -> None:
+        conn.settimeout(PROMPTLY)
+        self._open.append(conn)
+        try:
+            if self.expect_proxy:
+                record.proxy_header = _read_proxy_header(conn)
+            if self.context is not None:
+                try:
+                    conn = self.context.wrap_socket(conn, server_side=True)
+                except (OSError, ValueError) as exc:
+                    record.error = tls.describe_ssl_error(exc) if isinstance(exc, OSError) else ""
+                    return
+                self._open.append(conn)
+                assert isinstance(conn, ssl.SSLSocket)
+                record.tls = tls.describe_tls(conn)
+                record.server_name = self._names.pop(id(conn), None)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def _read_proxy_header(conn: socket.socket) -> bytes:
+    """The PROXY header at the start of ``conn``, read a byte at a time; raises if the bytes
+    are not one."""
+    data = b""
+    while parse(data) is None:
+        byte = conn.recv(1)
+        if not byte:
+            raise ConnectionError("closed before the PROXY header ended")
+        data += byte
+    return data
+
+
+# tcpecho client, in this process: main() with stdin and stdout swapped for buffers
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    stdout: bytes
+    stderr: str
+
+
+def tcpecho(monkeypatch: pytest.MonkeyPatch, *args: str, stdin: bytes = b"hello\n") -> Ran:
+    """``tcpecho ARGS`` with ``stdin`` on a pipe; what it printed and its exit code."""
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    out = io.TextIOWrapper(stdout, write_through=True)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(stderr):
+        code = main(list(args))
+    out.flush()
+    return Ran(code, stdout.getvalue(), stderr.getvalue())
+
+
+def client_args(address: tuple[str, int], *more: str) -> list[str]:
+    return ["client", "--host", address[0], "--port", str(address[1]), "--timeout", "5", *more]
+
+
+def served(pki: Pki, client_ca: str | None = None) -> ssl.SSLContext:
+    """The peer's context: the trustme server certificate (localhost, 127.0.0.1, ::1)."""
+    return tls.server_context(pki.server_cert, pki.server_key, client_ca)
+
+
+def test_an_untrusted_self_signed_server_is_refused_in_one_line_with_exit_7(pki: Pki) -> None:
+    """The client verifies by default: ``python -m tcpecho client --tls`` against a
+    self-signed certificate prints the reason on one line, no traceback, nothing sent."""
+    with EchoPeer(tls.server_context(pki.self_signed_cert, pki.self_signed_key)) as peer:
+        host, port = peer.address
+        result = subprocess.run(
+            [sys.executable, "-m", "tcpecho", *client_args(peer.address, "--tls")],
+            input=b"hello\n",
+            capture_output=True,
+            timeout=PROMPTLY * 2,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
+    assert result.returncode == 7
+    assert result.stdout == b""
+    assert result.stderr.decode() == (
+        f"Error: cannot connect to {host}:{port}: TLS handshake failed: "
+        "certificate verify failed: self-signed certificate.\n"
+    )
+
+
+def test_the_system_store_does_not_trust_a_private_ca_and_ca_makes_it_pass(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EchoPeer(served(pki)) as peer:
+        untrusted = tcpecho(monkeypatch, *client_args(peer.address, "--tls"))
+        trusted = tcpecho(monkeypatch, *client_args(peer.address, "--tls", "--ca", pki.ca))
+    assert untrusted.code == 7
+    assert "certificate verify failed: unable to get local issuer certificate" in untrusted.stderr
+    assert (trusted.code, trusted.stdout, trusted.stderr) == (0, b"hello\n", "")
+    assert peer.received[-1].tls["version"] in {"TLSv1.2", "TLSv1.3"}
+
+
+def test_server_name_is_sent_as_sni_and_checked_against_the_certificate(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EchoPeer(served(pki)) as peer:
+        right = tcpecho(
+            monkeypatch,
+            *client_args(peer.address, "--tls", "--ca", pki.ca, "--server-name", "localhost"),
+        )
+        wrong = tcpecho(
+            monkeypatch,
+            *client_args(peer.address, "--tls", "--ca", pki.ca, "--server-name", "wrong.example"),
+        )
+    assert (right.code, right.stdout) == (0, b"hello\n")
+    assert peer.received[0].server_name == "localhost"
+    assert wrong.code == 7
+    assert wrong.stderr.count("\n") == 1
+    assert (
+        "TLS handshake failed: certificate verify failed: Hostname mismatch, certificate is "
+        "not valid for 'wrong.example'." in wrong.stderr
+    )
+
+
+def test_insecure_must_be_asked_for_and_warns_on_one_line(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EchoPeer(tls.server_context(pki.self_signed_cert, pki.self_signed_key)) as peer:
+        result = tcpecho(monkeypatch, *client_args(peer.address, "--tls", "--insecure"))
+    assert (result.code, result.stdout) == (0, b"hello\n")
+    assert result.stderr == (
+        "tcpecho client: warning: --insecure: the server's certificate and name are not checked\n"
+    )
+
+
+def test_a_client_certificate_is_presented_when_given_and_the_server_sees_its_subject(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer requires a client certificate from the CA (mutual TLS)."""
+    trusting = ("--tls", "--ca", pki.ca)
+    with EchoPeer(served(pki, client_ca=pki.ca)) as peer:
+        mutual = tcpecho(
+            monkeypatch,
+            *client_args(
+                peer.address, *trusting, "--cert", pki.client_cert, "--key", pki.client_key
+            ),
+        )
+        without = tcpecho(monkeypatch, *client_args(peer.address, *trusting))
+    assert (mutual.code, mutual.stdout, mutual.stderr) == (0, b"hello\n", "")
+    subject = peer.received[0].tls["peer_subject"]
+    assert subject.startswith("CN=client.example,OU=Testing cert #"), subject
+    assert ",O=trustme v" in subject
+    # Without one, the server refuses. Over TLS 1.3 the client's side of the handshake is
+    # over before the server has checked; its alert comes at the first read: exit 1.
+    assert (without.code, without.stdout) == (1, b"")
+    assert without.stderr == "Error: tlsv13 alert certificate required\n"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("over_tls", [True, False], ids=["tls", "plain"])
+def test_send_proxy_sends_exactly_the_header_for_the_connections_addresses_first(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, version: str, over_tls: bool
+) -> None:
+    """The header comes before the TLS handshake, naming the client's real local address as
+    the source and the address it connected to as the destination."""
+    with EchoPeer(served(pki) if over_tls else None, expect_proxy=True) as peer:
+        tls_args = ("--tls", "--ca", pki.ca) if over_tls else ()
+        result = tcpecho(
+            monkeypatch, *client_args(peer.address, *tls_args, "--send-proxy", version)
+        )
+    assert (result.code, result.stdout, result.stderr) == (0, b"hello\n", "")
+    [received] = peer.received
+    encode = encode_v1 if version == "v1" else encode_v2
+    assert received.proxy_header == encode(received.peer, received.local)
+    assert bool(received.tls) is over_tls
+
+
+def test_echo_client_takes_tls_and_proxy_as_keyword_arguments(pki: Pki) -> None:
+    """The library: ssl_context, server_hostname and send_proxy; tls_info describes the
+    connection (an SSLSocket) with the server certificate's subject."""
+    with (
+        EchoPeer(served(pki), expect_proxy=True) as peer,
+        EchoClient(
+            *peer.address,
+            ssl_context=tls.client_context(ca=pki.ca),
+            server_hostname="localhost",
+            send_proxy="v2",
+        ) as client,
+    ):
+        assert client.request(b"ping") == b"ping\n"
+        info = client.tls_info()
+    assert info is not None
+    assert info["version"] in {"TLSv1.2", "TLSv1.3"}
+    assert info["cipher"]
+    assert info["peer_subject"].startswith("OU=Testing cert #")
+    assert peer.received[0].proxy_header == encode_v2(peer.received[0].peer, peer.address)
+
+
+def test_an_option_of_tls_without_tls_is_an_invalid_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ca alone would be ignored silently: it is refused instead (exit 2)."""
+    result = tcpecho(monkeypatch, "client", "--port", "9", "--ca", "ca.pem")
+    assert result.code == 2
+    assert result.stderr == "Error: invalid --ca 'ca.pem': it applies only with --tls.\n"
+
+
+def test_a_tls_file_that_cannot_be_read_is_exit_10_before_connecting(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = str(pki.directory / "nowhere.pem")
+    result = tcpecho(monkeypatch, "client", "--port", "9", "--tls", "--ca", missing)
+    assert result.code == 10
+    assert result.stderr == f"Error: cannot load --ca {missing}: No such file or directory.\n"
