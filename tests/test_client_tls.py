@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import ssl
@@ -18,14 +19,16 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
 from tcpecho import tls
+from tcpecho.bench import BenchOptions, run
 from tcpecho.cli import main
-from tcpecho.client import EchoClient
+from tcpecho.client import ClientTLS, EchoClient
 from tcpecho.errors import TLSConfigError
 from tcpecho.protocol.proxy import encode_v1, encode_v2, parse
 from tests.helpers import ROOT
@@ -257,16 +260,21 @@ class EchoPeer:
 
     def _serve(self, conn: socket.socket, record: Received) -> None:
         conn.settimeout(PROMPTLY)
+        # Or an echo behind TLS 1.3's session tickets waits for their ACK (Nagle).
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._open.append(conn)
         try:
             if self.expect_proxy:
                 record.proxy_header = _read_proxy_header(conn)
             if self.context is not None:
+                raw = conn.dup()  # still open if the handshake fails and closes conn
                 try:
                     conn = self.context.wrap_socket(conn, server_side=True)
-                except (OSError, ValueError) as exc:
-                    record.error = tls.describe_ssl_error(exc) if isinstance(exc, OSError) else ""
+                except OSError as exc:
+                    record.error = tls.describe_ssl_error(exc)
+                    _close_gently(raw)
                     return
+                raw.close()
                 self._open.append(conn)
                 assert isinstance(conn, ssl.SSLSocket)
                 record.tls = tls.describe_tls(conn)
@@ -277,6 +285,15 @@ class EchoPeer:
             pass
         finally:
             conn.close()
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """Close after reading what the client sent, so that the kernel does not answer its
+    unread bytes with a reset, which can discard our alert before the client reads it."""
+    with contextlib.suppress(OSError), sock:
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
 
 
 def _read_proxy_header(conn: socket.socket) -> bytes:
@@ -464,3 +481,119 @@ def test_a_tls_file_that_cannot_be_read_is_exit_10_before_connecting(
     result = tcpecho(monkeypatch, "client", "--port", "9", "--tls", "--ca", missing)
     assert result.code == 10
     assert result.stderr == f"Error: cannot load --ca {missing}: No such file or directory.\n"
+
+
+# tcpecho bench
+
+
+def bench_args(address: tuple[str, int], *more: str) -> list[str]:
+    host, port = address
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ["bench", target, "-c", "2", "-n", "40", "--warmup", "0", "--timeout", "5", *more]
+
+
+def bench_json(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, dict[str, Any]]:
+    result = tcpecho(monkeypatch, *args, "--json", stdin=b"")
+    assert result.stderr == "", result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return result.code, report
+
+
+def test_bench_over_tls_checks_every_byte_and_counts_the_handshakes(pki: Pki) -> None:
+    with EchoPeer(served(pki)) as peer:
+        report = run(
+            BenchOptions(
+                *peer.address,
+                connections=4,
+                requests=400,
+                duration=None,
+                pipeline=4,
+                warmup=0.0,
+                timeout=5.0,
+                tls=ClientTLS(ca=pki.ca),
+            )
+        )
+    assert report["ok"] is True, report["errors"]
+    assert (report["round_trips"], report["bytes_verified"]) == (400, 400 * 64)
+    assert report["mismatches"] == {}
+    assert report["tls_handshakes"] == 4
+    assert report["tls"]["version"] in {"TLSv1.2", "TLSv1.3"}
+    assert report["options"]["tls"]["ca"] == pki.ca
+    assert all(received.tls for received in peer.received)
+
+
+def test_bench_reconnect_makes_a_connection_per_round_trip_and_reports_connects_per_second(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 round trips on 2 connection slots: 40 connects, each with its TLS handshake."""
+    with EchoPeer(served(pki)) as peer:
+        code, report = bench_json(
+            monkeypatch, *bench_args(peer.address, "--reconnect", "--tls", "--ca", pki.ca)
+        )
+    assert code == 0, report
+    assert report["round_trips"] == 40
+    assert report["connects"] == report["connections_opened"] == report["tls_handshakes"] == 40
+    assert report["connects_per_second"] > 0
+    assert len(peer.received) == 40
+    assert len({received.peer for received in peer.received}) == 40  # 40 connections
+
+
+def test_bench_send_proxy_sends_each_connections_own_header_before_tls(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EchoPeer(served(pki), expect_proxy=True) as peer:
+        code, report = bench_json(
+            monkeypatch,
+            *bench_args(peer.address, "--send-proxy", "v2", "--tls", "--ca", pki.ca),
+        )
+    assert code == 0, report
+    assert report["options"]["send_proxy"] == "v2"
+    assert len(peer.received) == 2
+    for received in peer.received:
+        assert received.proxy_header == encode_v2(received.peer, received.local)
+        assert received.tls
+
+
+def test_bench_counts_a_failed_handshake_as_an_error_with_its_reason(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EchoPeer(tls.server_context(pki.self_signed_cert, pki.self_signed_key)) as peer:
+        code, report = bench_json(monkeypatch, *bench_args(peer.address, "--tls"))
+    assert code == 1
+    assert report["errors"] == {"TLS: certificate verify failed: self-signed certificate": 2}
+    assert report["connections_opened"] == 0
+
+
+def test_bench_reconnect_takes_no_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = tcpecho(monkeypatch, *bench_args(("127.0.0.1", 9), "--reconnect", "-p", "2"))
+    assert result.code == 2
+    assert "--pipeline 2: must be 1 with --reconnect" in result.stderr
+
+
+# IPv6
+
+
+@pytest.fixture
+def ipv6_loopback() -> None:
+    """Skipped (with the reason) where this machine has no IPv6 loopback."""
+    if not socket.has_ipv6:
+        pytest.skip("Python was built without IPv6")
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback (::1) here: {exc.strerror}")
+
+
+@pytest.mark.usefixtures("ipv6_loopback")
+def test_client_host_1_and_bench_target_in_brackets_work_over_ipv6(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The certificate names ::1, so the name check passes on the IPv6 literal too."""
+    with EchoPeer(served(pki), host="::1") as peer:
+        client = tcpecho(monkeypatch, *client_args(peer.address, "--tls", "--ca", pki.ca))
+        code, report = bench_json(monkeypatch, *bench_args(peer.address, "--tls", "--ca", pki.ca))
+    assert (client.code, client.stdout, client.stderr) == (0, b"hello\n", "")
+    assert code == 0, report
+    assert report["target"] == f"[::1]:{peer.address[1]}"
+    assert report["round_trips"] == 40
+    assert all(received.peer[0] == "::1" for received in peer.received)

@@ -116,7 +116,9 @@ def check_port(port: int) -> int:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_version(parser)
     parser.set_defaults(run=run_bench)
-    parser.add_argument("target", metavar="HOST:PORT", help="the echo server to measure")
+    parser.add_argument(
+        "target", metavar="HOST:PORT", help="the echo server to measure; [::1]:PORT for IPv6"
+    )
     parser.add_argument(
         "-c", "--connections", type=int, default=50, metavar="N", help="(default: %(default)s)"
     )
@@ -178,8 +180,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=1, help="seed of the payload pattern (default: %(default)s)"
     )
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="each connection sends one message, reads its echo, closes and connects again: "
+        "measures connects (and TLS handshakes) per second",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (schema: docs)")
     parser.add_argument("--hist-file", metavar="PATH", help="write the HdrHistogram log here")
+    add_tls_arguments(parser)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -418,7 +427,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     host, _, port = args.target.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError("target", args.target, "give it as HOST:PORT")
+        raise ConfigError("target", args.target, "give it as HOST:PORT ([HOST]:PORT for IPv6)")
     options = BenchOptions(
         host=host.strip("[]"),
         port=check_port(int(port)),
@@ -432,6 +441,9 @@ def run_bench(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         processes=args.processes,
         seed=args.seed,
+        tls=client_tls(args, "bench"),
+        send_proxy=args.send_proxy,
+        reconnect=args.reconnect,
     )
     bench.check_extra()
     if loop_name() == "asyncio":
