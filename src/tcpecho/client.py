@@ -121,6 +121,9 @@ class EchoClient:
         """Send the PROXY header and do the TLS handshake, as asked; return the socket to use.
         The handshake is bounded by the socket's timeout."""
         if self.send_proxy is not None:
+            # Or the TLS ClientHello (or first line) after the header waits for the header's
+            # ACK (Nagle), which the server's delayed ACK can hold back for 40 ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 header = proxy_header(self.send_proxy, sock.getsockname(), sock.getpeername())
                 sock.sendall(header)
