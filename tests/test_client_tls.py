@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from tcpecho import tls
 from tcpecho.bench import BenchOptions, run
 from tcpecho.cli import main
-from tcpecho.client import ClientTLS, EchoClient
+from tcpecho.client import ClientTLS, EchoClient, run_interactive
 from tcpecho.errors import TLSConfigError
 from tcpecho.protocol.proxy import encode_v1, encode_v2, parse
 from tests.helpers import ROOT
@@ -467,6 +467,21 @@ def test_echo_client_takes_tls_and_proxy_as_keyword_arguments(pki: Pki) -> None:
     assert peer.received[0].proxy_header == encode_v2(peer.received[0].peer, peer.address)
 
 
+def test_the_interactive_session_says_which_tls_version_and_cipher_it_got(pki: Pki) -> None:
+    with EchoPeer(served(pki)) as peer:
+        client = EchoClient(*peer.address, ssl_context=tls.client_context(ca=pki.ca))
+        client.connect()
+        screen = io.StringIO()
+        code = run_interactive(client, io.StringIO("hello\nexit\n"), screen)
+    host, port = peer.address
+    info = peer.received[0].tls
+    assert code == 0
+    assert screen.getvalue().startswith(
+        f"Connected to {host}:{port} over {info['version']} ({info['cipher']})\n"
+    )
+    assert "Received from server: hello\n" in screen.getvalue()
+
+
 def test_an_option_of_tls_without_tls_is_an_invalid_option(monkeypatch: pytest.MonkeyPatch) -> None:
     """--ca alone would be ignored silently: it is refused instead (exit 2)."""
     result = tcpecho(monkeypatch, "client", "--port", "9", "--ca", "ca.pem")
@@ -525,17 +540,17 @@ def test_bench_over_tls_checks_every_byte_and_counts_the_handshakes(pki: Pki) ->
 def test_bench_reconnect_makes_a_connection_per_round_trip_and_reports_connects_per_second(
     pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """40 round trips on 2 connection slots: 40 connects, each with its TLS handshake."""
+    """20 round trips on 2 connection slots: 20 connects, each with its TLS handshake."""
     with EchoPeer(served(pki)) as peer:
         code, report = bench_json(
-            monkeypatch, *bench_args(peer.address, "--reconnect", "--tls", "--ca", pki.ca)
+            monkeypatch,
+            *bench_args(peer.address, "-n", "20", "--reconnect", "--tls", "--ca", pki.ca),
         )
     assert code == 0, report
-    assert report["round_trips"] == 40
-    assert report["connects"] == report["connections_opened"] == report["tls_handshakes"] == 40
+    assert report["round_trips"] == 20
+    assert report["connects"] == report["connections_opened"] == report["tls_handshakes"] == 20
     assert report["connects_per_second"] > 0
-    assert len(peer.received) == 40
-    assert len({received.peer for received in peer.received}) == 40  # 40 connections
+    assert len({received.peer for received in peer.received}) == 20  # 20 connections
 
 
 def test_bench_send_proxy_sends_each_connections_own_header_before_tls(
