@@ -1,6 +1,8 @@
 """The seed's server: ``python3 tcp_server.py`` serves on 0.0.0.0:65432, no install needed.
 
-It takes every option of ``tcpecho serve`` (see ``python3 tcp_server.py --help``).
+It takes every option of ``tcpecho serve`` (see ``python3 tcp_server.py --help``) and, like
+it, reads ``TCPECHO_<OPTION>`` environment variables and ``--config FILE``
+(docs/configuration.md).
 """
 
 import os

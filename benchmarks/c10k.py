@@ -1,12 +1,13 @@
 """C10k: can one tcpecho server hold ten thousand clients at once, and what does each cost?
 
-It starts ``tcp_server.py`` as a child process (on 127.0.0.1, a port the OS picks, ``-q``,
-``--max-connections N+100``, ``--backlog 4096``), measures the server's resident memory when
-idle, then opens N connections to it from an asyncio client in this process (connects run a
-bounded number at a time), and, while all N are held open at once, checks an echo on every
-one: a payload unique to each connection is sent and must come back byte for byte. With all
-N still open it measures the server's memory again, then closes them, waits until the server
-has released every one, and stops the server with SIGINT, which must exit 0.
+It starts ``python -m tcpecho serve`` as a child process (``server_process.py``; on
+127.0.0.1, a port the OS picks, ``-q``, ``--max-connections N+100``, ``--backlog 4096``,
+``--max-per-address 0``), measures the server's resident memory when idle, then opens N
+connections to it from an asyncio client in this process (connects run a bounded number at a
+time), and, while all N are held open at once, checks an echo on every one: a payload unique
+to each connection is sent and must come back byte for byte. With all N still open it
+measures the server's memory again, then closes them, waits until the server has released
+every one, and stops the server with SIGINT, which must exit 0.
 
 It reports the connections held, the echo checks passed and failed, the server's RSS idle and
 loaded (VmRSS, MiB) and per connection ((loaded - idle) / N, KiB), and the time to connect
@@ -33,16 +34,13 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import platform
 import re
 import resource
 import secrets
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -51,12 +49,10 @@ from typing import Any, TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from server_process import HOST, TAG, ServerProcess, ServerStartError
+
 from tcpecho.config import ENGINES, LOOPS
 
-ROOT = Path(__file__).resolve().parent.parent
-
-SERVER_SCRIPT = ROOT / "tcp_server.py"
-HOST = "127.0.0.1"
 # Descriptors either process needs besides one per connection: std streams, pipes, the
 # listener, the selector, the wake-up sockets, imported modules' files.
 FD_MARGIN = 256
@@ -64,18 +60,20 @@ FD_MARGIN = 256
 SERVER_EXTRA_CONNECTIONS = 100
 # Use at most this share of the ephemeral port range per source address.
 PORT_RANGE_SHARE = 0.8
-# How long the server may take to print its banner, and to exit after SIGINT.
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 # How long the server may take to release every connection after the client closed them.
 RELEASE_TIMEOUT = 30.0
 RELEASE_POLL = 0.05
-BANNER = re.compile(r"^\[SERVER STARTING\] Listening on (?P<address>\S+)")
 STOPPED = re.compile(r"^\[SERVER STOPPED\] (?P<served>\d+) connections served, (?P<echoed>\d+)")
-TAG = re.compile(r"^\[(?P<tag>[^\]]+)\]")
 # Server log lines expected under this load; every other line is shown in the report.
 ROUTINE_TAGS = frozenset(
-    {"SERVER STARTING", "ENGINE", "NEW CONNECTION", "DISCONNECTED", "SERVER STOPPED"}
+    {
+        "SERVER STARTING",
+        "ENGINE",
+        "NEW CONNECTION",
+        "DISCONNECTED",
+        "SERVER STOPPING",
+        "SERVER STOPPED",
+    }
 )
 KIB = 1024
 MIB = 1024 * 1024
@@ -88,120 +86,34 @@ class SetupError(Exception):
 # --- the server ---------------------------------------------------------------------------
 
 
-class Server:
-    """``tcp_server.py`` in a child process, its stdout and stderr drained by threads."""
+class Server(ServerProcess):
+    """The server under test (``server_process.py``), its log counted by tag as it comes."""
 
-    def __init__(self, command: list[str]) -> None:
-        self.command = command
-        self.proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # a Ctrl-C at the terminal reaches only this script
-        )
-        self.pid = self.proc.pid
-        self.banner: str | None = None
-        self.engine_line: str | None = None
-        self.stopped_line: str | None = None
+    def __init__(self, args: list[str]) -> None:
         self.tags: Counter[str] = Counter()
         self.notable: deque[str] = deque(maxlen=20)
         self.notable_count = 0
-        self.stderr_tail: deque[str] = deque(maxlen=40)
-        self._banner_seen = threading.Event()
-        self._engine_seen = threading.Event()
-        self._readers = [
-            threading.Thread(target=self._read_stdout, name="server-stdout", daemon=True),
-            threading.Thread(target=self._read_stderr, name="server-stderr", daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
+        super().__init__(args, on_line=self._line, keep_lines=0)
 
-    def _read_stdout(self) -> None:
-        stream = self.proc.stdout
-        assert stream is not None
-        for raw in stream:
-            line = raw.rstrip("\n")
-            if self.banner is None:
-                self.banner = line
-                self._banner_seen.set()
-                continue
-            match = TAG.match(line)
-            tag = match["tag"] if match else ""
-            self.tags[tag] += 1
-            if tag == "ENGINE":
-                self.engine_line = line
-                self._engine_seen.set()
-            elif tag == "SERVER STOPPED":
-                self.stopped_line = line
-            elif tag not in ROUTINE_TAGS:
-                self.notable_count += 1
-                self.notable.append(line)
-        self._banner_seen.set()  # end of output: stop waiting
-        self._engine_seen.set()
-
-    def _read_stderr(self) -> None:
-        stream = self.proc.stderr
-        assert stream is not None
-        for raw in stream:
-            self.stderr_tail.append(raw.rstrip("\n"))
-
-    def wait_listening(self) -> int:
-        """The port from the first stdout line, once the server printed it."""
-        if not self._banner_seen.wait(START_TIMEOUT):
-            raise SetupError(f"the server printed nothing in {START_TIMEOUT:g} s")
-        match = BANNER.match(self.banner or "")
-        if match is None:
-            self.proc.wait()
-            raise SetupError(
-                f"the server did not start (exit {self.proc.returncode}): "
-                + " | ".join([self.banner or "", *self.stderr_tail]).strip(" |")
-            )
-        port = match["address"].rsplit(":", 1)[1]
-        # The engine line follows the banner at once: wait for it (bounded) to report it.
-        self._engine_seen.wait(START_TIMEOUT)
-        return int(port)
+    def _line(self, line: str) -> None:
+        match = TAG.match(line)
+        tag = match["tag"] if match else ""
+        self.tags[tag] += 1
+        if tag not in ROUTINE_TAGS:
+            self.notable_count += 1
+            self.notable.append(line)
 
     @property
     def description(self) -> str:
-        if self.engine_line is None:
-            return "?"
-        match = re.search(r"engine (?P<engine>.+?), ", self.engine_line)
-        return match["engine"] if match else self.engine_line
+        return self.engine
 
-    def status(self) -> dict[str, int]:
-        """VmRSS (bytes) and Threads from /proc/PID/status, and the open descriptors."""
-        fields: dict[str, int] = {}
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                name, _, value = line.partition(":")
-                if name == "VmRSS":
-                    fields["rss"] = int(value.split()[0]) * KIB
-                elif name == "Threads":
-                    fields["threads"] = int(value)
-        fields["fds"] = len(os.listdir(f"/proc/{self.pid}/fd"))
-        return fields
-
-    def stop(self) -> int | None:
-        """SIGINT, then the exit code; None (and SIGKILL) if it did not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            code: int | None = self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            code = None
-        for reader in self._readers:
-            reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def reading(self) -> dict[str, int]:
+        """VmRSS (bytes), threads and open descriptors. Raises SetupError if the server is
+        gone."""
+        status = self.status()
+        if status is None:
+            raise SetupError(f"the server is gone (exit {self.proc.poll()})")
+        return {"rss": status.rss_kib * KIB, "threads": status.threads, "fds": status.fds}
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -316,7 +228,7 @@ async def run_load(
                 if result.first_mismatch is None:
                     result.first_mismatch = f"#{index}: sent {payload[:40]!r}, got {reply[:40]!r}"
         # Every connection is still open here: this is the server's memory while it holds N.
-        result.loaded = server.status()
+        result.loaded = server.reading()
         say(f"echo checked in {result.echo_seconds:.2f} s; closing every connection")
     finally:
         for sock in socks:
@@ -338,7 +250,7 @@ def wait_released(
     start = time.perf_counter()
     deadline = start + RELEASE_TIMEOUT
     while True:
-        status = server.status()
+        status = server.reading()
         if status["fds"] <= loaded_fds - held:
             return time.perf_counter() - start, status
         if time.perf_counter() > deadline or server.proc.poll() is not None:
@@ -584,16 +496,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sources = source_addresses(n, args.sources)
         limits = raise_nofile(n + SERVER_EXTRA_CONNECTIONS + FD_MARGIN)
-        command = [sys.executable, str(SERVER_SCRIPT), "--host", HOST, "--port", "0"]
-        command += ["--engine", args.engine, "--loop", args.loop, "-q"]
+        command = ["--engine", args.engine, "--loop", args.loop, "-q"]
         command += ["--max-connections", str(n + SERVER_EXTRA_CONNECTIONS)]
         command += ["--backlog", "4096"]
+        # Every client comes from a few loopback addresses: no per-address limit (its default,
+        # 256, would refuse the most of them).
+        command += ["--max-per-address", "0"]
         server = Server(command)
         port = server.wait_listening()
-        idle = server.status()
+        idle = server.reading()
         load = asyncio.run(run_load(server, port, args, sources))
-        exit_code = server.stop()
-    except SetupError as exc:
+        exit_code = server.stop(signal.SIGINT)
+    except (SetupError, ServerStartError) as exc:
         print(f"c10k: {exc}", file=sys.stderr)
         return 2
     finally:

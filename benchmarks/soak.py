@@ -1,11 +1,12 @@
 """Soak: N minutes of well-behaved and hostile clients against tcpecho, checking every byte.
 
-It starts two ``tcp_server.py`` servers as child processes, on the same engine (127.0.0.1,
-ports the OS picks, ``-q``): one in raw framing and one in line framing, both with short
-timeouts so that the hostile clients meet them many times in a run (``--idle-timeout 5
---write-timeout 2``, line server ``--line-timeout 3``; ``--max-per-address 64``). Then, for
-``--minutes`` minutes, one asyncio client process runs a steady mix against them, each kind
-from its own source address so that the servers' own logs can be split by kind:
+It starts two servers as child processes (``server_process.py``: ``python -m tcpecho
+serve``), on the same engine (127.0.0.1, ports the OS picks, ``-q``): one in raw framing and
+one in line framing, both with short timeouts so that the hostile clients meet them many
+times in a run (``--idle-timeout 5 --write-timeout 2``, line server ``--line-timeout 3``;
+``--max-per-address 64``). Then, for ``--minutes`` minutes, one asyncio client process runs
+a steady mix against them, each kind from its own source address so that the servers' own
+logs can be split by kind:
 
 well-behaved (127.0.0.1), every byte checked, in order:
   echo          raw server: 1-20 messages of 1 B-256 KiB (sent while the reply is read),
@@ -54,16 +55,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import re
 import signal
 import socket
 import statistics
 import struct
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -75,14 +73,13 @@ from typing import Any, TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from server_process import HOST, ServerProcess, ServerStartError
+
 from tcpecho.config import ENGINES, LOOPS
 from tcpecho.protocol import CloseReason
 from tcpecho.protocol.replies import line_too_long_reply
 from tcpecho.protocol.session import TOO_MANY_FROM_ADDRESS_REPLY, line_timeout_reply
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVER_SCRIPT = ROOT / "tcp_server.py"
-HOST = "127.0.0.1"
 # Each kind of client connects from its own loopback address, so that the servers' own
 # [DISCONNECTED] lines (which name the peer) can be counted by kind.
 WELL_BEHAVED = "127.0.0.1"
@@ -111,8 +108,6 @@ LATE_SLACK = 2.5
 # short, and how long the servers may take to release every descriptor.
 END_GRACE = 30.0
 RELEASE_TIMEOUT = 15.0
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 
 RECV_SIZE = 64 * 1024
 PRIME = b"prime\n"
@@ -136,7 +131,6 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 # Linux: bind() picks no port, connect() does, so TIME_WAIT ports can be reused per peer.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
-BANNER = re.compile(r"^\[SERVER STARTING\] Listening on (?P<address>\S+)")
 TAG = re.compile(r"^\[(?P<tag>[^\]]+)\]")
 STOPPED = re.compile(r"^\[SERVER STOPPED\] (?P<served>\d+) connections served")
 DISCONNECTED = re.compile(r"^\[DISCONNECTED\] (?P<host>[^ ]+):\d+ (?P<rest>.*)$")
@@ -189,50 +183,17 @@ class Anomaly(Exception):
 # --- the servers --------------------------------------------------------------------------
 
 
-class Server:
-    """``tcp_server.py`` in a child process; threads read its log as it comes."""
+class Server(ServerProcess):
+    """A soak server: the shared child process, its log counted by tag and close reason as
+    it comes (no line is kept: a soak's log is long)."""
 
-    def __init__(self, name: str, command: list[str]) -> None:
-        self.name = name
-        self.command = command
-        self.proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # a Ctrl-C at the terminal reaches only this script
-        )
-        self.pid = self.proc.pid
-        self.port = 0  # from the banner, by wait_listening
-        self.banner: str | None = None
-        self.engine_line = ""
-        self.stopped_line = ""
+    def __init__(self, name: str, args: list[str]) -> None:
         self.died_during_run: int | None = None
         self.reasons: Counter[tuple[str, str]] = Counter()  # (source group, reason)
         self.tags: Counter[str] = Counter()
         self.notable: deque[str] = deque(maxlen=20)
         self.notable_count = 0
-        self.stderr_tail: deque[str] = deque(maxlen=40)
-        self._banner_seen = threading.Event()
-        self._readers = [
-            threading.Thread(target=self._read_stdout, name=f"{name}-stdout", daemon=True),
-            threading.Thread(target=self._read_stderr, name=f"{name}-stderr", daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.rstrip("\n")
-            if self.banner is None:
-                self.banner = line
-                self._banner_seen.set()
-            else:
-                self._line(line)
-        self._banner_seen.set()  # end of output: stop waiting
+        super().__init__(args, name=name, on_line=self._line, keep_lines=0)
 
     def _line(self, line: str) -> None:
         match = TAG.match(line)
@@ -240,10 +201,6 @@ class Server:
         self.tags[tag] += 1
         if tag == "DISCONNECTED":
             self._disconnected(line)
-        elif tag == "ENGINE":
-            self.engine_line = line
-        elif tag == "SERVER STOPPED":
-            self.stopped_line = line
         elif tag not in ROUTINE_TAGS:
             self.notable_count += 1
             self.notable.append(line)
@@ -259,70 +216,21 @@ class Server:
         reason = next((r.value for r in REASONS if rest.startswith(r.value)), rest[:40])
         self.reasons[group, reason] += 1
 
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.stderr_tail.append(raw.rstrip("\n"))
-
-    def wait_listening(self) -> int:
-        """The port from the banner, once the server printed it."""
-        if not self._banner_seen.wait(START_TIMEOUT):
-            raise SetupError(f"the {self.name} server printed nothing in {START_TIMEOUT:g} s")
-        match = BANNER.match(self.banner or "")
-        if match is None:
-            self.proc.wait()
-            raise SetupError(
-                f"the {self.name} server did not start (exit {self.proc.returncode}): "
-                + " | ".join([self.banner or "", *self.stderr_tail]).strip(" |")
-            )
-        self.port = int(match["address"].rsplit(":", 1)[1])
-        return self.port
-
     def alive(self) -> bool:
-        if self.proc.poll() is None:
+        if self.running():
             return True
         if self.died_during_run is None:
             self.died_during_run = self.proc.returncode
         return False
 
-    def status(self) -> dict[str, int] | None:
-        """VmRSS (KiB), Threads and open descriptors; None once the server is gone."""
-        fields: dict[str, int] = {}
-        try:
-            with open(f"/proc/{self.pid}/status") as status:
-                for line in status:
-                    name, _, value = line.partition(":")
-                    if name == "VmRSS":
-                        fields["rss_kib"] = int(value.split()[0])
-                    elif name == "Threads":
-                        fields["threads"] = int(value)
-            fields["fds"] = len(os.listdir(f"/proc/{self.pid}/fd"))
-        except (OSError, ValueError):
-            return None
-        return fields if self.alive() else None
-
-    def stop(self) -> int | None:
-        """SIGINT, then the exit code; None (and SIGKILL) if it did not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            code: int | None = self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            code = None
-        for reader in self._readers:
-            reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def reading(self) -> dict[str, int] | None:
+        """VmRSS (KiB), threads and open descriptors; None once the server is gone."""
+        status = self.status()
+        return status.as_dict() if status is not None and self.alive() else None
 
 
-def server_command(args: argparse.Namespace, framing: str) -> list[str]:
-    command = [sys.executable, str(SERVER_SCRIPT), "--host", HOST, "--port", "0", "-q"]
-    command += ["--engine", args.engine]
+def server_arguments(args: argparse.Namespace, framing: str) -> list[str]:
+    command = ["-q", "--engine", args.engine]
     if args.engine == "asyncio":
         command += ["--loop", args.loop]
     command += ["--framing", framing, "--idle-timeout", f"{IDLE_TIMEOUT:g}"]
@@ -867,7 +775,7 @@ async def worker(soak: Soak, kind: Kind, index: int) -> None:
 
 def sample(servers: dict[str, Server], label: str, at: float) -> dict[str, Any]:
     return {"label": label, "t": round(at, 1)} | {
-        name: server.status() for name, server in servers.items()
+        name: server.reading() for name, server in servers.items()
     }
 
 
@@ -1169,7 +1077,7 @@ def start_servers(args: argparse.Namespace) -> dict[str, Server]:
     servers: dict[str, Server] = {}
     try:
         for framing in ("raw", "line"):
-            server = Server(framing, server_command(args, framing))
+            server = Server(framing, server_arguments(args, framing))
             servers[framing] = server
             server.wait_listening()
     except BaseException:
@@ -1195,8 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
         say(args, "after the clients left: " + status_text(run["after"], servers))
         for server in servers.values():
             server.alive()  # note a death before the stop
-        run["exit_codes"] = {name: server.stop() for name, server in servers.items()}
-    except SetupError as exc:
+        run["exit_codes"] = {name: server.stop(signal.SIGINT) for name, server in servers.items()}
+    except (SetupError, ServerStartError) as exc:
         print(f"soak: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -6,6 +6,7 @@ tests/helpers.py.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -20,6 +21,13 @@ from tests.helpers import ENGINE_VARIANTS, ServerFactory, engine_options, requir
 # Property tests run beside servers under load: a slow example is not a failure.
 settings.register_profile("tcpecho", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("tcpecho")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The servers under test, in this process and in the ones it starts, see no TCPECHO_*
+    variable from the shell that runs the tests: they would change every default."""
+    for name in [name for name in os.environ if name.startswith("TCPECHO_")]:
+        del os.environ[name]
 
 
 @pytest.fixture(params=list(ENGINE_VARIANTS))
@@ -39,7 +47,7 @@ def serve(engine: str) -> Iterator[ServerFactory]:
     with ExitStack() as stack:
 
         def start(**options: Any) -> RunningServer:
-            options.setdefault("host", "127.0.0.1")
+            options.setdefault("host", ("127.0.0.1",))
             options.setdefault("port", 0)
             options.setdefault("drain_timeout", 2.0)
             options = {**engine_options(engine), **options}

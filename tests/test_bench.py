@@ -412,7 +412,7 @@ def read_all(fd: int) -> bytes:
 @pytest.fixture
 def one_server() -> Iterator[RunningServer]:
     """One server of the default engine: for tests of the load generator, not of engines."""
-    with running_server(ServerConfig(host="127.0.0.1", port=0)) as running:
+    with running_server(ServerConfig(host=("127.0.0.1",), port=0)) as running:
         yield running
 
 

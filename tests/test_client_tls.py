@@ -183,6 +183,16 @@ def _odd_files(pki: Pki) -> dict[str, str]:
     }
 
 
+def test_an_end_of_stream_during_the_handshake_reads_the_same_on_every_engine() -> None:
+    """The threads engine gets SSLEOFError; asyncio's and uvloop's TLS protocols a bare
+    ConnectionResetError. A real reset keeps the OS's words."""
+    closed = "the peer closed the connection during the TLS handshake"
+    assert tls.describe_ssl_error(ssl.SSLEOFError(8, "EOF occurred")) == closed
+    assert tls.describe_ssl_error(ConnectionResetError()) == closed
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert tls.describe_ssl_error(reset) == "Connection reset by peer"
+
+
 # A TLS echo peer that records what it received
 
 

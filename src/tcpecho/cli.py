@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from typing import Any
 
-from tcpecho import __version__, bench, client, log, supervisor
+from tcpecho import __version__, bench, client, config, log, supervisor
 from tcpecho.bench import report as bench_report
 from tcpecho.bench.loadgen import BenchOptions, loop_name
 from tcpecho.bench.payload import MIN_SIZE
-from tcpecho.config import (
-    ENGINES,
-    FRAMINGS,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    LOOPS,
-    REPLY_MODES,
-    ServerConfig,
-)
+from tcpecho.config import CONFIG_FILE_ENV, OPTIONS, Option
 from tcpecho.errors import (
     AddressInUse,
     AddressNotAvailable,
@@ -32,8 +25,6 @@ from tcpecho.errors import (
 
 # Exit codes (the table is in README.md); errors.py sets each error's code.
 EXIT_OK = 0
-# The serve options' defaults: the config's own, so they are written once.
-SERVE_DEFAULTS = ServerConfig()
 EXIT_BENCH_FAILED = 1  # tcpecho bench: a mismatch or a failed connection
 EXIT_INTERRUPTED = 130
 
@@ -192,150 +183,56 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serve options, made from their declaration (`tcpecho.config.OPTIONS`).
+
+    None has a default here: an option is in the namespace only when given, so that the
+    environment and the file can fill the rest (`run_serve`).
+    """
     add_version(parser)
     parser.set_defaults(run=run_serve)
-    where = parser.add_argument_group("where to listen")
-    where.add_argument(
-        "--host", default=SERVE_DEFAULTS.host, help="address or name (default: %(default)s)"
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        groups[option.group].add_argument(
+            *option.flags,
+            dest=option.name,
+            default=argparse.SUPPRESS,
+            help=_help(option).replace("%", "%%"),
+            **_argument_kind(option),
+        )
+    sources = parser.add_argument_group("configuration")
+    sources.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"read options from this TOML file (default: ${CONFIG_FILE_ENV}, if set); "
+        "the command line wins over the environment (TCPECHO_<OPTION>), which wins over the file",
     )
-    where.add_argument(
-        "--port",
-        metavar="PORT",
-        type=int,
-        default=SERVE_DEFAULTS.port,
-        help="0 lets the OS pick (default: %(default)s)",
+    sources.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the configuration as TOML, with where each value came from, and exit",
     )
-    where.add_argument(
-        "--backlog",
-        metavar="N",
-        type=int,
-        default=SERVE_DEFAULTS.backlog,
-        help="listen queue (default: %(default)s)",
-    )
-    how = parser.add_argument_group("how to serve")
-    how.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default=SERVE_DEFAULTS.engine,
-        help="threads: a thread per client (the seed's); asyncio: one event loop "
-        "(default: %(default)s)",
-    )
-    how.add_argument(
-        "--loop",
-        choices=LOOPS,
-        default=SERVE_DEFAULTS.loop,
-        help="event loop of the asyncio engine; auto takes uvloop when installed "
-        "(default: %(default)s)",
-    )
-    how.add_argument(
-        "--workers",
-        metavar="N",
-        type=int,
-        default=1,
-        help="processes sharing the port (default: %(default)s)",
-    )
-    protocol = parser.add_argument_group("what to reply")
-    protocol.add_argument(
-        "--framing",
-        choices=FRAMINGS,
-        default=SERVE_DEFAULTS.framing,
-        help="raw: bytes as they arrive; line: messages end with \\n (default: %(default)s)",
-    )
-    protocol.add_argument(
-        "--reply",
-        choices=REPLY_MODES,
-        default=SERVE_DEFAULTS.reply,
-        help="echo: the exact bytes back; confirm: the prefix and the message "
-        "(default: %(default)s)",
-    )
-    protocol.add_argument(
-        "--confirm-prefix",
-        metavar="TEXT",
-        default=SERVE_DEFAULTS.confirm_prefix,
-        help="what a confirmation starts with (default: %(default)r)",
-    )
-    protocol.add_argument(
-        "--max-line-length",
-        metavar="BYTES",
-        type=int,
-        default=SERVE_DEFAULTS.max_line_length,
-        help="longest line in line framing, in bytes (default: %(default)s)",
-    )
-    limits = parser.add_argument_group("limits")
-    limits.add_argument(
-        "--max-connections",
-        metavar="N",
-        type=int,
-        default=SERVE_DEFAULTS.max_connections,
-        help="clients served at once; more get 'ERROR server busy' (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--max-per-address",
-        metavar="N",
-        type=int,
-        default=SERVE_DEFAULTS.max_per_address,
-        help="clients served at once from one address; more are refused; 0: no limit "
-        "(default: %(default)s)",
-    )
-    limits.add_argument(
-        "--allow",
-        metavar="CIDR",
-        action="append",
-        default=[],
-        help="serve only these addresses or networks (repeatable; default: every address)",
-    )
-    limits.add_argument(
-        "--deny",
-        metavar="CIDR",
-        action="append",
-        default=[],
-        help="close connections from these at once, with no reply (repeatable; wins over --allow)",
-    )
-    limits.add_argument(
-        "--idle-timeout",
-        metavar="SECONDS",
-        type=float,
-        default=SERVE_DEFAULTS.idle_timeout,
-        help="close a connection with nothing received and nothing to send for this long; "
-        "0: never (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--line-timeout",
-        metavar="SECONDS",
-        type=float,
-        default=SERVE_DEFAULTS.line_timeout,
-        help="line framing: a line must end this long after its first byte, or the client "
-        "gets an error and is closed; 0: never (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--write-timeout",
-        metavar="SECONDS",
-        type=float,
-        default=SERVE_DEFAULTS.write_timeout,
-        help="seconds a client may leave replies unread before it is cut off "
-        "(default: %(default)s)",
-    )
-    limits.add_argument(
-        "--drain-timeout",
-        metavar="SECONDS",
-        type=float,
-        default=SERVE_DEFAULTS.drain_timeout,
-        help="seconds a stopping server lets connections finish (default: %(default)s)",
-    )
-    logs = parser.add_argument_group("logging")
-    logs.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default=SERVE_DEFAULTS.log_level,
-        help="(default: %(default)s)",
-    )
-    logs.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=SERVE_DEFAULTS.log_format,
-        help="console: the seed's [TAG] lines; json: one object per line (default: %(default)s)",
-    )
-    logs.add_argument("-q", "--quiet", action="store_true", help="do not log each message received")
+
+
+def _help(option: Option) -> str:
+    repeatable = "repeatable; " if option.type.repeatable else ""
+    return f"{option.help} ({repeatable}default: {option.describe_default()})"
+
+
+def _argument_kind(option: Option) -> dict[str, Any]:
+    """add_argument's keywords for the type of ``option``."""
+    value_type = option.type
+    if value_type.base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    kind: dict[str, Any] = {"metavar": option.metavar}
+    if value_type.choices:
+        kind.update(choices=value_type.choices, metavar=None)
+    elif value_type.base is not str:
+        kind.update(type=value_type.base)
+    if value_type.repeatable:
+        kind.update(action="append")
+    return kind
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -415,12 +312,17 @@ def client_tls(args: argparse.Namespace, command: str) -> client.ClientTLS | Non
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    # Every serve option is named after the ServerConfig field it sets; -q is the one inverse.
-    options = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
-    options.update(allow=tuple(args.allow), deny=tuple(args.deny))
-    config = ServerConfig(**options, log_messages=not args.quiet)
-    log.configure(config.log_level, config.log_format)
-    supervisor.serve(config)
+    given = {
+        option.name: tuple(value) if isinstance(value, list) else value
+        for option in OPTIONS
+        if (value := getattr(args, option.name, None)) is not None
+    }
+    resolved = config.resolve(given, os.environ, args.config)
+    if args.print_config:
+        sys.stdout.write(config.to_toml(resolved))
+        return EXIT_OK
+    log.configure(resolved.config.log_level, resolved.config.log_format)
+    supervisor.serve(resolved.config)
     return EXIT_OK
 
 

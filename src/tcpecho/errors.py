@@ -10,18 +10,46 @@ class TcpEchoError(Exception):
 
 
 class ConfigError(TcpEchoError):
-    """An option has a value it cannot take."""
+    """An option has a value it cannot take.
+
+    ``option`` is the option as the user wrote it (``--port``, ``port``, ``TCPECHO_PORT``);
+    ``source`` where: "" for the command line, a file's path, or "the environment".
+    """
 
     exit_code = 2
 
-    def __init__(self, option: str, value: object, reason: str) -> None:
-        super().__init__(option, value, reason)
+    def __init__(self, option: str, value: object, reason: str, source: str = "") -> None:
+        super().__init__(option, value, reason, source)
         self.option = option
         self.value = value
         self.reason = reason
+        self.source = source
 
     def __str__(self) -> str:
-        return f"invalid {self.option} {self.value!r}: {self.reason}"
+        where = f" in {self.source}" if self.source else ""
+        return f"invalid {self.option} {self.value!r}{where}: {self.reason}"
+
+
+class UnknownOption(ConfigError):
+    """``option``, in the file or environment ``source``, is no option of ``tcpecho serve``."""
+
+    def __str__(self) -> str:
+        return f"unknown option {self.option!r} in {self.source}: {self.reason}"
+
+
+class ConfigFileError(TcpEchoError):
+    """The configuration file at ``path`` cannot be read, or is not TOML; ``reason`` says why
+    (for TOML, with the line and column)."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot read the configuration file {self.path}: {self.reason}"
 
 
 class HostNotFound(TcpEchoError):

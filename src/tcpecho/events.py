@@ -15,8 +15,10 @@ from tcpecho.protocol import CloseReason
 
 @dataclass(frozen=True, slots=True)
 class Opened:
-    peer: str
+    peer: str  # the client: from the PROXY header when there is one
     active: int  # connections open, this one included
+    via: str = ""  # the proxy's address, when a PROXY header named the client
+    tls: str = ""  # TLS version and cipher, and the verified client certificate's subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class Closed:
 class Refused:
     peer: str
     reason: CloseReason
+    via: str = ""  # the proxy's address, when a PROXY header named the client
 
 
 @dataclass(frozen=True, slots=True)

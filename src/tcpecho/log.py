@@ -149,15 +149,7 @@ class EventLog:
         if isinstance(event, Message):
             self._message(event)
         elif isinstance(event, Opened):
-            self._info(
-                "NEW CONNECTION",
-                "%s connected. Active connections: %d%s",
-                event.peer,
-                event.active,
-                self._worker,
-                peer=event.peer,
-                active=event.active,
-            )
+            self._opened(event)
         elif isinstance(event, Closed):
             self._closed(event)
         elif isinstance(event, MessagesHeld):
@@ -264,20 +256,40 @@ class EventLog:
             "the traceback", exc_info=error, extra={"tag": "INTERNAL ERROR", "fields": {}}
         )
 
+    def _opened(self, event: Opened) -> None:
+        about = ", ".join(
+            part for part in (f"via {event.via}" if event.via else "", event.tls) if part
+        )
+        self._info(
+            "NEW CONNECTION",
+            "%s connected%s. Active connections: %d%s",
+            event.peer,
+            f" ({escape(about.encode())})" if about else "",
+            event.active,
+            self._worker,
+            peer=event.peer,
+            active=event.active,
+            **({"via": event.via} if event.via else {}),
+            **({"tls": event.tls} if event.tls else {}),
+        )
+
     def _refused(self, event: Refused) -> None:
         held = self._limit.allow(event.reason)
         if held is None:
             return
         more = f" ({held} more since the last such line)" if held else ""
+        via = f" (via {event.via})" if event.via else ""
         self._warning(
             "REFUSED",
-            "%s %s%s",
+            "%s%s %s%s",
             event.peer,
+            via,
             event.reason.value,
             more,
             peer=event.peer,
             reason=event.reason.label,
             folded=held,
+            **({"via": event.via} if event.via else {}),
         )
 
     def _accept_failed(self, event: AcceptFailed) -> None:

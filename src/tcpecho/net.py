@@ -7,6 +7,7 @@ import fcntl
 import socket
 import struct
 import termios
+from collections.abc import Sequence
 
 from tcpecho.config import ServerConfig
 from tcpecho.errors import (
@@ -25,6 +26,15 @@ _BIND_ERRORS: dict[int, type[BindError]] = {
     errno.EPERM: BindPermissionDenied,
     errno.EADDRNOTAVAIL: AddressNotAvailable,
 }
+
+
+def plain_address(address: tuple[object, ...]) -> Address:
+    """``(host, port)`` of a peer; an IPv4 client of a dual-stack socket (``::ffff:192.0.2.1``)
+    as plain IPv4."""
+    host = str(address[0])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, int(str(address[1]))
 
 
 def format_address(address: tuple[object, ...]) -> str:
@@ -57,30 +67,34 @@ def listening_sockets(config: ServerConfig) -> list[socket.socket]:
     return listeners
 
 
-def open_listeners(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Bind and listen on every address ``host`` resolves to, non-blocking.
+def open_listeners(hosts: Sequence[str], port: int, backlog: int) -> list[socket.socket]:
+    """Bind and listen on every address each of ``hosts`` resolves to, non-blocking.
 
-    With port 0 the OS picks a port, and every further address gets that same port. Raises
-    `HostNotFound` or a `BindError`; on error no socket is left open. The caller closes the
-    sockets.
+    With port 0 the OS picks a port, and every further address gets that same port. An IPv6
+    wildcard (``::``) takes IPv4 clients too (dual stack), unless an IPv4 address is listened
+    on as well. Raises `HostNotFound` or a `BindError`; on error no socket is left open. The
+    caller closes the sockets.
     """
-    try:
-        infos = socket.getaddrinfo(
-            host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise HostNotFound(host, exc.strerror or str(exc)) from exc
+    infos = []
+    for host in hosts:
+        try:
+            infos += socket.getaddrinfo(
+                host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+        except socket.gaierror as exc:
+            raise HostNotFound(host, exc.strerror or str(exc)) from exc
+    dual_stack = not any(info[0] == socket.AF_INET for info in infos)
     listeners: list[socket.socket] = []
     seen: set[tuple[object, ...]] = set()
     try:
         for family, kind, proto, _, resolved in infos:
-            if resolved in seen:
+            if resolved[:2] in seen:
                 continue
-            seen.add(resolved)
+            seen.add(resolved[:2])
             sockaddr = resolved
             if port == 0 and listeners:
                 sockaddr = (resolved[0], listeners[0].getsockname()[1], *resolved[2:])
-            listeners.append(_listen(family, kind, proto, sockaddr, backlog))
+            listeners.append(_listen(family, kind, proto, sockaddr, backlog, dual_stack))
     except BaseException:
         for sock in listeners:
             sock.close()
@@ -89,15 +103,21 @@ def open_listeners(host: str, port: int, backlog: int) -> list[socket.socket]:
 
 
 def _listen(
-    family: int, kind: int, proto: int, sockaddr: tuple[object, ...], backlog: int
+    family: int,
+    kind: int,
+    proto: int,
+    sockaddr: tuple[object, ...],
+    backlog: int,
+    dual_stack: bool,
 ) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         # A server restarted right after a stop must bind again despite TIME_WAIT connections.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
-            # "::" must not also claim IPv4, so that "0.0.0.0" and "::" can be bound together.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # "::" takes IPv4 clients too when nothing else listens on IPv4; alongside an IPv4
+            # listener it must not, or "0.0.0.0" and "::" could not be bound together.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)

@@ -1,6 +1,6 @@
 """Helpers for testing code against a real tcpecho server, in this process.
 
-with running_server(ServerConfig(host="127.0.0.1", port=0)) as server:
+with running_server(ServerConfig(host=("127.0.0.1",), port=0)) as server:
     sock = socket.create_connection(server.address)
 """
 
@@ -51,7 +51,7 @@ def running_server(
     ``consumers`` are called with every server event (tcpecho.events), from the server's
     threads: ``running_server(consumers=[events.append])`` records them.
     """
-    config = config or ServerConfig(host="127.0.0.1", port=0)
+    config = config or ServerConfig(host=("127.0.0.1",), port=0)
     engine = create_engine(config, consumers)
     server = RunningServer(engine, engine.start())
 

@@ -49,6 +49,12 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = MINIMUM_VERSION
+    # An end of stream without close_notify (a client that just closes, or the threads
+    # engine shutting a connection's read side to drain it) ends the input like close_notify,
+    # instead of a fatal error that sends a decode_error alert and leaves no way to send our
+    # own close_notify. An echo server has nothing a truncation could falsify. The handshake
+    # is unaffected: an end of stream there still fails it.
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     _load_chain(context, ("--tls-cert", cert), ("--tls-key", key))
     if client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
@@ -112,13 +118,17 @@ def format_subject(certificate: object) -> str:
 
 
 def describe_ssl_error(exc: OSError) -> str:
-    """A short reason for a failed handshake or a TLS connection that broke, without
+    """A short reason for a failed handshake, or for a TLS connection that broke, without
     OpenSSL's codes: ``certificate verify failed: self-signed certificate``, ``wrong version
     number`` (the peer does not speak TLS), ``tlsv13 alert certificate required``, …"""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return "the peer closed the connection in the middle of the TLS protocol"
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or (
+        # What asyncio's and uvloop's TLS protocols raise for an end of stream during the
+        # handshake: a bare ConnectionResetError, without errno or text (a reset has both).
+        isinstance(exc, ConnectionResetError) and not exc.args
+    ):
+        return "the peer closed the connection during the TLS handshake"
     if isinstance(exc, ssl.SSLError):
         return _openssl_reason(exc)
     if isinstance(exc, TimeoutError):

@@ -189,7 +189,7 @@ def test_ipv6_loopback(serve: ServerFactory) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")
     try:
-        server = serve(host="::1")
+        server = serve(host=("::1",))
     except OSError as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"cannot listen on ::1: {exc}")
     with socket.create_connection(server.address[:2], timeout=10) as sock:

@@ -236,7 +236,7 @@ def test_ipv6_clients_are_admitted_and_denied_by_their_address(observe: Start) -
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")
     try:
-        observed = observe(host="::1", deny=("::1/128",))
+        observed = observe(host=("::1",), deny=("::1/128",))
     except OSError as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"cannot listen on ::1: {exc}")
     with (

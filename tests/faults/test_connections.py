@@ -23,7 +23,7 @@ from tests.faults.harness import (
     raise_nofile,
     small_buffer_socket,
 )
-from tests.helpers import connect, recv_exactly, recv_until_closed
+from tests.helpers import FULL_COUNTS, connect, recv_exactly, recv_until_closed
 
 # Descriptors a process needs besides one per connection: std streams, pipes, the listener,
 # the selector, the wake-up sockets, pytest's own files.
@@ -116,7 +116,8 @@ def test_5000_clients_at_once_are_all_served_then_more_are_refused(
 # threads contend for the GIL its accept loop falls behind, and on the 2-core VM 10,000 took
 # it 7-18 s and 5,000 took 4-10 s (once 4,096 behind, each further connect waits for a SYN
 # retry), a fifth of the suite's time budget.
-SCANS = {"threads": 3_000, "asyncio": 10_000, "uvloop": 10_000}
+# FULL_COUNTS=1 runs the full counts (10,000 on every engine, 100 restarts).
+SCANS = {"threads": 10_000 if FULL_COUNTS else 3_000, "asyncio": 10_000, "uvloop": 10_000}
 
 
 def test_connect_and_close_thousands_of_times(fault_server: StartServer, engine: str) -> None:
@@ -321,7 +322,7 @@ def test_out_of_descriptors_the_server_waits_quietly_then_serves_again(
 # the old one still drains that client. A try takes 0.2-0.4 s on the 2-core VM (a server's
 # start-up is ~0.3 s of interpreter and imports): 100 tries on each of the three engine
 # variants would take ~90 s, the whole suite's time budget, so the count is scaled down to 10.
-RESTARTS = 10
+RESTARTS = 100 if FULL_COUNTS else 10
 # A stopping server logs [SERVER STOPPING] at once; this is ample.
 STOP_TIMEOUT = 2.0
 

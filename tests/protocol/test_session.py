@@ -243,6 +243,7 @@ def test_every_close_reason_has_a_phrase_and_a_label() -> None:
         CloseReason.REFUSED_PER_ADDRESS,
         CloseReason.REFUSED_DENIED,
         CloseReason.REFUSED_STOPPING,
+        CloseReason.REFUSED_UNTRUSTED_PROXY,
     }
 
 

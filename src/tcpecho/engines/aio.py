@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from time import monotonic
 from types import ModuleType
@@ -28,6 +29,8 @@ from tcpecho.engines.base import (
 from tcpecho.errors import ConfigError
 from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
+from tcpecho.protocol import MAX_V2_LENGTH
+from tcpecho.protocol.session import State
 
 
 def load_uvloop(choice: LoopName) -> ModuleType | None:
@@ -59,6 +62,7 @@ class AsyncioEngine:
         self._listeners: list[socket.socket] = []
         self._retries: dict[int, asyncio.TimerHandle] = {}  # listener fd → paused accept
         self._handshakes: set[asyncio.Task[tuple[asyncio.BaseTransport, LoopConnection]]] = set()
+        self._tls_handshakes: set[asyncio.Task[None]] = set()
         self._stop_requested: asyncio.Event | None = None
         self._all_closed: asyncio.Event | None = None
         self._forced = False
@@ -97,6 +101,8 @@ class AsyncioEngine:
         # Our own accept loop rather than loop.create_server(): both loops then treat running
         # out of descriptors alike (uvloop would accept and drop such clients silently).
         loop = asyncio.get_running_loop()
+        if listener.fileno() == -1:  # closed by a stop earlier in this turn of the loop
+            return
         for _ in range(ACCEPT_BATCH):
             accepted = self.core.accept(listener)
             if accepted is None:
@@ -112,6 +118,11 @@ class AsyncioEngine:
             sock, address = accepted
             sock.setblocking(False)
             protocol = self._connection_class(self, address)
+            if self.core.tls_context is not None:
+                tls_task = loop.create_task(protocol.open_tls(sock, self.core.tls_context))
+                self._tls_handshakes.add(tls_task)
+                tls_task.add_done_callback(self._tls_handshakes.discard)
+                continue
             task = loop.create_task(loop.connect_accepted_socket(_factory(protocol), sock))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
@@ -124,6 +135,11 @@ class AsyncioEngine:
     def stop(self, *, force: bool = False) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
+            return
+        if loop.is_running() and _running_loop() is loop:
+            # A signal handler, run by the loop's own thread between two callbacks: stop now,
+            # not a turn later (a loop that is behind takes long over each turn).
+            self._request_stop(force)
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(self._request_stop, force)
@@ -153,14 +169,13 @@ class AsyncioEngine:
         if self._pending_stop is not None:
             self._request_stop(self._pending_stop)
         await self._stop_requested.wait()
-        loop = asyncio.get_running_loop()
-        for handle in self._retries.values():
-            handle.cancel()
-        for sock in self._listeners:
-            loop.remove_reader(sock.fileno())
-            sock.close()
+        self._close_listeners()
         if self._handshakes:
             await asyncio.wait(self._handshakes)
+        for tls_task in list(self._tls_handshakes):
+            tls_task.cancel()  # the connection closes, "server stopping"
+        if self._tls_handshakes:
+            await asyncio.wait(self._tls_handshakes)
         for conn in self.core.drain_started():
             conn.stop()
         self.connection_ended()
@@ -180,9 +195,22 @@ class AsyncioEngine:
         if self._stop_requested is None:  # stop() before serve(): remember it
             self._pending_stop = force or bool(self._pending_stop)
             return
+        # At once, not when _serve next runs: a loop that is behind serves every connection
+        # once per turn, and new clients would be accepted until then.
+        self._close_listeners()
         self._stop_requested.set()
         if force and self._all_closed is not None:
             self._all_closed.set()
+
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        for sock in self._listeners:
+            if sock.fileno() != -1:
+                loop.remove_reader(sock.fileno())
+                sock.close()
 
     def connection_ended(self) -> None:
         if self.core.stopping and not self.core.drivers and self._all_closed is not None:
@@ -215,11 +243,70 @@ class LoopConnection(Driver, asyncio.Protocol):
         self.write = transport.write
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_WATER)
         self.engine.live.add(self)
-        self.admit()
+        if self.session.state is State.HANDSHAKE:  # admitted by open_tls; the handshake is done
+            self.handshake_done(transport.get_extra_info("ssl_object"))
+        else:
+            self.admit()
+
+    async def open_tls(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        """Admit, read a PROXY header that TLS follows (peeked: not a byte of TLS is read),
+        then the TLS handshake; `connection_made` follows it. Until then there is no
+        transport: the session's commands are not carried out, every way out closes ``sock``
+        (a refused TLS client is sent nothing: it could not read a plain-text line)."""
+        session = self.session
+        try:
+            refusal = self.core.admit(self)
+            if refusal is None:
+                self.admitted = True
+                if session.state is State.PROXY_HEADER:
+                    await self._read_header(sock)
+            else:
+                session.refuse(refusal, monotonic())
+            session.commands.clear()
+            if session.state is State.HANDSHAKE:
+                timeout = max(session.handshake_deadline() - monotonic(), 0.001)
+                loop = asyncio.get_running_loop()
+                await loop.connect_accepted_socket(
+                    _factory(self), sock, ssl=context, ssl_handshake_timeout=timeout
+                )
+                return
+        except (OSError, asyncio.CancelledError, TimeoutError) as exc:
+            # The loop's ssl_handshake_timeout ends a handshake with ConnectionAbortedError
+            # ("SSL handshake is taking longer than …"), in asyncio and uvloop alike: the only
+            # ConnectionAbortedError their TLS protocols raise.
+            timed_out = not isinstance(exc, OSError) or isinstance(exc, ConnectionAbortedError)
+            self.handshake_failed(TimeoutError() if timed_out else exc)
+        if sock.fileno() != -1:
+            sock.close()
+        self.lost(None)
+        self.engine.connection_ended()
+
+    async def _read_header(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        session = self.session
+        while session.state is State.PROXY_HEADER:
+            remaining = (session.next_deadline() or monotonic()) - monotonic()
+            try:
+                await asyncio.wait_for(_readable(loop, sock), max(remaining, 0.0))
+            except TimeoutError:
+                session.handle_timeout(monotonic())
+                continue
+            try:
+                peeked = sock.recv(MAX_V2_LENGTH, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            if not peeked:
+                session.receive_data(b"", monotonic())
+                continue
+            used = session.header_peeked(peeked, monotonic())
+            if used:
+                sock.recv(used)  # all there: peeked
 
     def eof_received(self) -> bool:
         self.data_received(b"")
-        return True  # the session says when to close
+        # The session says when to close; a TLS transport closes at the client's end anyway
+        # (after what is queued), and warns when told otherwise.
+        return not self.tls_info
 
     def pause_writing(self) -> None:
         self.writing_blocked()
@@ -255,6 +342,9 @@ class LoopConnection(Driver, asyncio.Protocol):
     def resume_reading(self) -> None:
         if not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def local_address(self) -> str:
+        return net.format_address(self.transport.get_extra_info("sockname"))
 
     def unread(self) -> int:
         sock = self.transport.get_extra_info("socket")
@@ -300,6 +390,27 @@ class BufferedLoopConnection(LoopConnection, asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         # Copied out at once: the next connection's read reuses the buffer.
         self.data_received(self.read_buffer[:nbytes].tobytes())
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+
+    def woken() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), woken)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _drain(sock: socket.socket) -> None:

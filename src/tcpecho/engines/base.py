@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
+from tcpecho import net, tls
 from tcpecho.config import ServerConfig
 from tcpecho.events import (
     AcceptFailed,
@@ -38,6 +40,7 @@ from tcpecho.events import (
 from tcpecho.log import EventLog
 from tcpecho.net import Address, format_address
 from tcpecho.protocol import Admission, CloseReason, Command, Session
+from tcpecho.protocol.session import State
 
 # Past this many reply bytes queued for a client that does not read, the asyncio engine tells
 # the session that writing is blocked (the threads engine: a send that cannot finish at once),
@@ -114,9 +117,23 @@ class EngineCore(Generic[DriverT]):
         self.config = config
         self.settings = config.session_settings()
         self.admission = Admission(
-            config.max_connections, config.max_per_address, config.access_list()
+            config.max_connections,
+            config.max_per_address,
+            config.access_list(),
+            config.trusted_proxies(),
         )
-        self.log = EventLog(log_messages=config.log_messages, worker=config.worker)
+        self.proxy_mode = config.proxy_protocol
+        self.server_id = socket.gethostname()  # for --greeting info
+        # Built once, here, so that a certificate that cannot be used stops the start-up.
+        self.tls_context: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls_context = tls.server_context(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+            self.tls_context.sni_callback = self._sni_received
+        self.server_names: dict[int, str] = {}  # id of a connection's SSL object → its SNI
+
+        self.log = EventLog(log_messages=not config.quiet, worker=config.worker)
         self.counters = Counters()
         self.emit = EventStream([self.log, self.counters, *consumers])
         self.log_messages = self.log.wants_messages
@@ -124,17 +141,50 @@ class EngineCore(Generic[DriverT]):
         self.stopping = False
         self._lock: AbstractContextManager[object] = threading.Lock() if threaded else nullcontext()
 
+    def _sni_received(
+        self, connection: ssl.SSLSocket | ssl.SSLObject, name: str | None, _: ssl.SSLContext
+    ) -> None:
+        if name:
+            self.server_names[id(connection)] = name
+
+    def proxied(self, host: str) -> bool:
+        """Does a connection from ``host`` begin with a PROXY header (or may it)?"""
+        return self.proxy_mode != "off" and self.admission.is_trusted_proxy(host)
+
     def admit(self, driver: DriverT) -> CloseReason | None:
-        """Admit a new connection (None) or say why it is refused; emits Opened or Refused."""
+        """Admit a new connection (None) or say why it is refused; emits Refused, or Opened
+        when the connection is open at once (no PROXY header or TLS handshake first)."""
+        proxied = driver.session.state is State.PROXY_HEADER
         with self._lock:
-            refusal = self.admission.admit(driver.host, stopping=self.stopping)
+            if self.proxy_mode == "on" and not proxied:
+                refusal: CloseReason | None = CloseReason.REFUSED_UNTRUSTED_PROXY
+            else:
+                refusal = self.admission.admit(driver.host, stopping=self.stopping, proxy=proxied)
             if refusal is None:
+                driver.counted_as = None if proxied else driver.host
                 self.drivers.add(driver)
                 active = len(self.drivers)
-        if refusal is None:
-            self.emit(Opened(driver.peer, active))
-        else:
+        if refusal is not None:
             self.emit(Refused(driver.peer, refusal))
+        elif driver.session.state is State.OPEN:
+            self.emit(Opened(driver.peer, active))
+        return refusal
+
+    def open(self, driver: DriverT) -> CloseReason | None:
+        """A connection admitted before its PROXY header or TLS handshake is now open: admit
+        its real client (from the header), or say why it is refused; emits Opened or Refused."""
+        client = driver.session.client
+        refusal = None
+        with self._lock:
+            if client is not None and driver.counted_as is None:
+                refusal = self.admission.admit_client(client[0])
+                if refusal is None:
+                    driver.counted_as = client[0]
+            active = len(self.drivers)
+        if refusal is not None:
+            self.emit(Refused(driver.peer, refusal, via=driver.via))
+        else:
+            self.emit(Opened(driver.peer, active, via=driver.via, tls=driver.tls_summary))
         return refusal
 
     def closed(self, driver: DriverT) -> None:
@@ -142,8 +192,10 @@ class EngineCore(Generic[DriverT]):
         session = driver.session
         with self._lock:
             self.drivers.discard(driver)
-            self.admission.release(driver.host)
+            self.admission.release(driver.counted_as)
         assert session.reason is not None
+        if session.reason.refused:
+            return  # its Refused event said it all
         self.emit(
             Closed(
                 driver.peer,
@@ -188,7 +240,7 @@ class EngineCore(Generic[DriverT]):
             retrying = exc.errno in ACCEPT_RETRY_ERRNOS
             self.emit(AcceptFailed(exc.strerror or str(exc), retrying))
             return ACCEPT_RETRY_DELAY if retrying else 0.0
-        return sock, address
+        return sock, net.plain_address(address)
 
     def drain_started(self) -> list[DriverT]:
         """Stop admitting; return the connections to drain (emits Draining)."""
@@ -227,7 +279,10 @@ class Driver:
         self.core = core
         self.host = str(address[0])
         self.peer = format_address(address)
-        self.session = Session(core.settings, monotonic())
+        self.via = ""  # the proxy's address, when a PROXY header named the client
+        self.counted_as: str | None = None  # the address admission counts this connection for
+        self.tls_info: dict[str, str] = {}  # set by the engine after a TLS handshake
+        self.session = Session(core.settings, monotonic(), proxied=core.proxied(self.host))
         self.receive = self.session.receive_data  # bound once: the per-read path
         self.commands = self.session.commands  # the same list, read on every call
         self.log_messages = core.log_messages
@@ -239,6 +294,9 @@ class Driver:
         refusal = self.core.admit(self)
         if refusal is None:
             self.admitted = True
+            if self.session.state is State.OPEN and self.core.config.greeting == "info":
+                # Open at once (no PROXY header, no handshake): no Command.OPEN will come.
+                self.send(self.session.opened(monotonic(), self.connection_info()))
             self.set_timer(self.session.next_deadline())
             return True
         self.send(self.session.refuse(refusal, monotonic()))
@@ -331,8 +389,75 @@ class Driver:
         for command in self.session.take_commands():
             if command is Command.RESCHEDULE:
                 self.set_timer(self.session.next_deadline())
+            elif command is Command.OPEN:
+                self.open()
             else:
                 getattr(self, _ACTIONS[command])()
+
+    def open(self) -> None:
+        """The PROXY header, the TLS handshake are done: admit the real client, greet it,
+        answer what it sent meanwhile."""
+        client = self.session.client
+        if client is not None:
+            self.via, self.peer = self.peer, format_address(client)
+        now = monotonic()
+        refusal = self.core.open(self)
+        if refusal is not None:
+            self.send(self.session.refuse(refusal, now))
+            return
+        info = self.connection_info() if self.core.config.greeting == "info" else None
+        self.send(self.session.opened(now, info))
+        if self.log_messages:
+            self.core.messages(self)  # what arrived before the connection was open
+        self.set_timer(self.session.next_deadline())
+
+    @property
+    def tls_summary(self) -> str:
+        """The TLS version and cipher, and the client certificate's subject, for the log."""
+        info = self.tls_info
+        if not info:
+            return ""
+        subject = info.get("peer_subject")
+        return f"{info['version']} {info['cipher']}" + (f", client {subject}" if subject else "")
+
+    def connection_info(self) -> dict[str, object]:
+        """What ``--greeting info`` tells the client about its connection."""
+        header = self.session.proxy_header
+        return {
+            "client": self.peer,
+            "server": self.local_address(),
+            "proxy": self.via or None,
+            "proxy_destination": format_address(header.destination)
+            if header is not None and header.destination is not None
+            else None,
+            "tls": dict(self.tls_info) or None,
+            "server_id": self.core.server_id,
+            "worker": self.core.config.worker or None,
+        }
+
+    def local_address(self) -> str:
+        """The server's address of this connection (for the greeting)."""
+        return ""
+
+    def handshake_done(self, connection: ssl.SSLSocket | ssl.SSLObject) -> None:
+        """The engine's TLS handshake succeeded: the connection opens."""
+        with self.contained():
+            self.tls_info = tls.describe_tls(connection)
+            self.tls_info["sni"] = self.core.server_names.pop(id(connection), "")
+            self.session.handshake_done(monotonic())
+            self.carry_out()
+
+    def handshake_failed(self, exc: BaseException) -> None:
+        """The engine's TLS handshake failed; the engine then closes and calls `lost`."""
+        if self.core.stopping:
+            self.session.stop(monotonic())
+        elif isinstance(exc, OSError):
+            self.session.handshake_failed(
+                tls.describe_ssl_error(exc), timed_out=isinstance(exc, TimeoutError)
+            )
+        else:
+            self.session.handshake_failed(str(exc) or type(exc).__name__)
+        self.session.commands.clear()  # the engine closes the socket itself
 
     # The mechanisms, supplied by each engine.
 

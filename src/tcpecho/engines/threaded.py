@@ -6,6 +6,7 @@ import contextlib
 import select
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -17,7 +18,8 @@ from tcpecho.config import ServerConfig
 from tcpecho.engines.base import RECV_SIZE, Driver, EngineCore, signals_wake
 from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
-from tcpecho.protocol import CloseReason
+from tcpecho.protocol import MAX_V2_LENGTH, CloseReason
+from tcpecho.protocol.session import State
 
 
 class ThreadedEngine:
@@ -233,10 +235,14 @@ class ThreadConnection(Driver):
         self._rearm_every_read = self.session.settings.framing == "line"
         self._forced: CloseReason | None = None
         self._unsent = 0  # bytes of replies an abort dropped
+        self._tls = False
+        self._timed_out: tuple[type[Exception], ...] = _TIMED_OUT  # what the timer raises
 
     def run(self) -> None:
         error: BaseException | None = None
         try:
+            if self.session.state is not State.OPEN:
+                self._before_open()
             self._read_until_done()
         except OSError as exc:
             error = exc
@@ -245,19 +251,60 @@ class ThreadConnection(Driver):
         except Exception as exc:
             self.failed(exc)
         finally:
+            if self._tls and error is None and self._forced is None:
+                _close_notify(self.sock)
             self.sock.close()
             self.lost(error, self._unsent)
             self.engine.connection_ended(self)
 
+    def _before_open(self) -> None:
+        """A PROXY header that TLS follows (peeked, so not a byte of TLS is read), then the
+        TLS handshake. A PROXY header with no TLS is read as data, like any input."""
+        context = self.core.tls_context
+        if context is None:
+            return
+        while self.session.state is State.PROXY_HEADER and self.reading:
+            self._arm(socket.SO_RCVTIMEO)
+            try:
+                peeked = self.sock.recv(MAX_V2_LENGTH, socket.MSG_PEEK)
+            except BlockingIOError:
+                self.timer_fired()
+                continue
+            if not peeked:
+                self.data_received(b"")
+                continue
+            with self.contained():
+                used = self.session.header_peeked(peeked, monotonic())
+                if used:
+                    self.sock.recv(used, socket.MSG_WAITALL)
+                self.carry_out()
+        if self.session.state is State.HANDSHAKE and self.reading:
+            self._handshake(context)
+
+    def _handshake(self, context: ssl.SSLContext) -> None:
+        tls_sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock, self._send, self._tls = tls_sock, tls_sock.send, True
+        self._timed_out = _TLS_TIMED_OUT
+        tls_sock.settimeout(max(self.session.handshake_deadline() - monotonic(), 0.001))
+        try:
+            tls_sock.do_handshake()
+        except OSError as exc:  # ssl.SSLError is one
+            self.handshake_failed(exc)
+            self.reading = False
+            return
+        tls_sock.settimeout(None)  # blocking again: the kernel's timeouts are the timer
+        self._timer_dirty = True
+        self.handshake_done(tls_sock)
+
     def _read_until_done(self) -> None:
-        recv = self.sock.recv
+        recv = self.sock.recv  # after the handshake: the TLS socket's
         handle = self.data_received
         while self.reading:
             if self._timer_dirty or self._rearm_every_read:
                 self._arm(socket.SO_RCVTIMEO)
             try:
                 data = recv(RECV_SIZE)
-            except BlockingIOError:  # SO_RCVTIMEO: the timer fired
+            except self._timed_out:  # SO_RCVTIMEO (TLS: the socket's timeout): the timer fired
                 self.timer_fired()
                 continue
             if data:
@@ -281,6 +328,8 @@ class ThreadConnection(Driver):
     def wake_to_stop(self) -> None:
         """From the accept thread: wake this connection's thread to drain."""
         _shutdown(self.sock, socket.SHUT_RD)
+        if self.session.state is State.HANDSHAKE:
+            _shutdown(self.sock, socket.SHUT_RDWR)  # the handshake may be waiting to send
 
     def force(self, reason: CloseReason) -> None:
         """From any thread: this connection's thread aborts at once (the shutdown wakes it,
@@ -295,6 +344,9 @@ class ThreadConnection(Driver):
     # The mechanisms the session's commands use.
 
     def write(self, data: bytes) -> None:
+        if self._tls:  # a TLS socket takes no flags: every send may block
+            self._send_blocked(memoryview(data))
+            return
         try:
             sent = self._send(data, _DONTWAIT)
         except BlockingIOError:
@@ -309,7 +361,7 @@ class ThreadConnection(Driver):
             self._arm(socket.SO_SNDTIMEO)
             try:
                 rest = rest[self.sock.send(rest) :]
-            except BlockingIOError:  # SO_SNDTIMEO: the timer fired
+            except self._timed_out:  # SO_SNDTIMEO (TLS: the socket's timeout): the timer fired
                 self.timer_fired()
         if self.reading:
             self.writing_resumed()
@@ -317,6 +369,8 @@ class ThreadConnection(Driver):
             self._unsent += len(rest)
 
     def shut_write(self) -> None:
+        if self._tls:
+            return  # TLS has no half-close that every client understands: the close follows
         if self.core.stopping:
             self._wait_acknowledged()
         self.sock.shutdown(socket.SHUT_WR)
@@ -345,6 +399,9 @@ class ThreadConnection(Driver):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.reading = False
 
+    def local_address(self) -> str:
+        return net.format_address(self.sock.getsockname())
+
     def pause_reading(self) -> None:
         pass  # this thread is blocked in send: it reads again only when the send is done
 
@@ -358,6 +415,11 @@ class ThreadConnection(Driver):
     def _arm(self, option: int) -> None:
         self._timer_dirty = False
         seconds = 0.0 if self.deadline is None else max(self.deadline - monotonic(), 0.001)
+        if self._tls:
+            # A blocking SSLSocket retries a read or write that SO_RCVTIMEO or SO_SNDTIMEO cut
+            # short, so those never fire: its own timeout (a poll before each try) does.
+            self.sock.settimeout(seconds or None)
+            return
         whole = int(seconds)
         timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
         self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
@@ -368,10 +430,31 @@ class ThreadConnection(Driver):
 ACK_POLL = 0.005
 _NO_THREAD = threading.Thread(name="none")  # never started
 _DONTWAIT = socket.MSG_DONTWAIT  # a send that would block returns at once: see _send_blocked
+# What a blocking call raises when SO_RCVTIMEO or SO_SNDTIMEO expires.
+_TIMED_OUT: tuple[type[Exception], ...] = (BlockingIOError,)
+# What a TLS socket's read or write raises when the timeout `_arm` gave it expires. Only
+# here TimeoutError: on a TCP socket it is the kernel's ETIMEDOUT, a network error.
+_TLS_TIMED_OUT: tuple[type[Exception], ...] = (
+    TimeoutError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
+)
+
+
+def _close_notify(sock: socket.socket) -> None:
+    """Send TLS's close_notify before the close, without waiting for the client's."""
+    if isinstance(sock, ssl.SSLSocket):
+        with contextlib.suppress(OSError, ValueError):
+            sock.setblocking(False)
+            sock.unwrap()
 
 
 def _read_pending(sock: socket.socket) -> bytes:
     """What the client has sent that is queued in the kernel now, without waiting."""
+    if isinstance(sock, ssl.SSLSocket):
+        # It takes no flags (ValueError). Its read side ended at the shutdown: what was sent
+        # before the stop has been read, and what comes after it is not answered.
+        return b""
     chunks = []
     while True:
         try:
@@ -386,4 +469,6 @@ def _read_pending(sock: socket.socket) -> bytes:
 
 def _shutdown(sock: socket.socket, how: int) -> None:
     with contextlib.suppress(OSError):  # the peer may be gone already, or the socket closed
-        sock.shutdown(how)
+        # socket.socket's own: an SSLSocket's shutdown would also drop its TLS state, under
+        # the feet of the thread that uses it.
+        socket.socket.shutdown(sock, how)

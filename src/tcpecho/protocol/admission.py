@@ -71,38 +71,67 @@ class Admission:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         access: AccessList | None = None,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.access = access or AccessList()
+        self.trusted_proxies = trusted_proxies
         self.active = 0
         self._per_address: Counter[str] = Counter()
 
-    def admit(self, host: str, *, stopping: bool = False) -> CloseReason | None:
+    def is_trusted_proxy(self, host: str) -> bool:
+        """May ``host`` send a PROXY protocol header (``--proxy-trusted``)?"""
+        address = client_address(host)
+        return address is not None and any(address in net for net in self.trusted_proxies)
+
+    def admit(
+        self, host: str, *, stopping: bool = False, proxy: bool = False
+    ) -> CloseReason | None:
         """Admit a client from ``host`` (and count it), or say why not.
 
         A denied address is refused before anything else: it learns nothing, not even that
-        the server is busy.
+        the server is busy. ``proxy``: ``host`` is a trusted proxy, whose connections carry
+        other clients; only the total counts now, the rest once the client is known
+        (`admit_client`).
         """
         address = client_address(host)
-        if address is not None and not self.access.permits(address):
+        if not proxy and address is not None and not self.access.permits(address):
             return CloseReason.REFUSED_DENIED
         if stopping:
             return CloseReason.REFUSED_STOPPING
         if self.active >= self.max_connections:
             return CloseReason.REFUSED_BUSY
+        if not proxy:
+            refusal = self._count(host, address)
+            if refusal is not None:
+                return refusal
+        self.active += 1
+        return None
+
+    def admit_client(self, host: str) -> CloseReason | None:
+        """A connection admitted from a proxy names its real client, ``host``: the access
+        list and the per-address limit apply to it (counted until `release(host)`)."""
+        address = client_address(host)
+        if address is not None and not self.access.permits(address):
+            return CloseReason.REFUSED_DENIED
+        return self._count(host, address)
+
+    def _count(self, host: str, address: IPAddress | None) -> CloseReason | None:
         key = str(address) if address is not None else host
         if self.max_per_address and self._per_address[key] >= self.max_per_address:
             return CloseReason.REFUSED_PER_ADDRESS
-        self.active += 1
         self._per_address[key] += 1
         return None
 
-    def release(self, host: str) -> None:
-        """An admitted client from ``host`` is gone."""
+    def release(self, host: str | None) -> None:
+        """An admitted client is gone: ``host`` is the address it was counted under (None:
+        a proxy's connection whose client was never counted)."""
+        self.active -= 1
+        if host is None:
+            return
         address = client_address(host)
         key = str(address) if address is not None else host
-        self.active -= 1
         self._per_address[key] -= 1
         if self._per_address[key] <= 0:
             del self._per_address[key]

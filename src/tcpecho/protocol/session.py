@@ -19,6 +19,13 @@ Time is whatever monotonic clock the engine uses, in seconds.
 The states, and what moves a session between them (the whole table: `_TRANSITIONS` holds the
 same arrows and every change of state is checked against it)::
 
+    PROXY_HEADER ── header read (or none, --proxy-protocol optional) ──► HANDSHAKE or OPEN
+      │ └────────── a bad header, none in time, the peer's end, stop ───► CLOSING
+      └──────────── refused at accept (busy) ───────────────────────────► LINGERING
+    HANDSHAKE ───── the engine's TLS handshake done ────────────────────► OPEN
+      │ └────────── refused at accept (no reply: TLS) ──────────────────► CLOSING
+      └──────────── failed, timed out, server stopping ─────────────────► CLOSED
+
     OPEN ──── client's end of input, idle timeout, denied ──────────► CLOSING
       │  └─── line too long, line timeout, stop, refused (busy) ──► LINGERING
       │                                                                 │ client's end or
@@ -35,8 +42,15 @@ same arrows and every change of state is checked against it)::
   reads it gets `write_timeout`, then an abort.
 - CLOSED: the engine reported the connection gone; ``reason`` is final.
 
-States that come before OPEN (a TLS handshake, a PROXY protocol header) are added here, with
-their own deadlines, without touching the engines.
+- PROXY_HEADER (``--proxy-protocol on|optional``, from a trusted proxy): the bytes read are a
+  PROXY protocol header (`proxy.parse`), within `PROXY_HEADER_TIMEOUT`. What follows it is held
+  until the connection is open. An engine that must not read past the header (TLS comes next)
+  peeks and calls `header_peeked` instead of `receive_data`.
+- HANDSHAKE (TLS): the engine does the handshake, within ``handshake_timeout`` of the accept
+  (`handshake_deadline`), and reports it done or failed.
+
+Leaving them for OPEN, the session asks for `Command.OPEN`: the driver then admits the client
+on its real address and calls `opened`, which answers what was held (and the greeting).
 
 Raw echo stays fast: while OPEN in raw framing, `receive_data` builds nothing per read and
 returns the very bytes it was given.
@@ -45,9 +59,12 @@ returns the very bytes it was given.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+from tcpecho.protocol import proxy
 from tcpecho.protocol.connection import EchoConnection
 from tcpecho.protocol.connection import State as ReplyState
 from tcpecho.protocol.framing import MAX_LINE_LENGTH, Framing
@@ -67,6 +84,15 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_LINE_TIMEOUT = 30.0
 # A client that leaves replies unread (writes blocked) this long is cut off.
 DEFAULT_WRITE_TIMEOUT = 30.0
+# A proxy sends its header at once, with or before the client's first byte; this much time
+# only covers a slow network. A connection that sends no header by then is closed.
+PROXY_HEADER_TIMEOUT = 5.0
+# The TLS handshake must be done this long after the accept: a client that opens a connection
+# and never sends its ClientHello cannot hold a slot for longer.
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
+
+ProxyMode = Literal["off", "on", "optional"]
+Greeting = Literal["off", "info"]
 
 TOO_MANY_FROM_ADDRESS_REPLY = b"ERROR too many connections from your address\n"
 STOPPING_REPLY = b"ERROR server stopping\n"
@@ -77,6 +103,8 @@ def line_timeout_reply(seconds: float) -> bytes:
 
 
 class State(enum.Enum):
+    PROXY_HEADER = "waiting for the PROXY header"
+    HANDSHAKE = "TLS handshake"
     OPEN = "open"
     LINGERING = "lingering"
     CLOSING = "closing"
@@ -84,11 +112,19 @@ class State(enum.Enum):
 
 
 _TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PROXY_HEADER: frozenset(
+        {State.HANDSHAKE, State.OPEN, State.LINGERING, State.CLOSING, State.CLOSED}
+    ),
+    State.HANDSHAKE: frozenset({State.OPEN, State.CLOSING, State.CLOSED}),
     State.OPEN: frozenset({State.LINGERING, State.CLOSING, State.CLOSED}),
     State.LINGERING: frozenset({State.CLOSING, State.CLOSED}),
     State.CLOSING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
+
+
+# The states in which what the client sends is read and discarded, never answered.
+_ANSWERS_NOTHING = frozenset({State.LINGERING, State.CLOSING, State.CLOSED})
 
 
 class CloseReason(enum.Enum):
@@ -110,10 +146,15 @@ class CloseReason(enum.Enum):
     DRAIN_TIMEOUT = "closed: drain timeout (--drain-timeout)"
     FORCED_STOP = "closed: server stopped at once"
     INTERNAL_ERROR = "closed: internal error (a bug: see the [INTERNAL ERROR] line)"
+    PROXY_HEADER_INVALID = "closed: bad PROXY header"
+    PROXY_HEADER_TIMEOUT = "closed: no PROXY header in time"
+    TLS_HANDSHAKE_FAILED = "closed: TLS handshake failed"
+    TLS_HANDSHAKE_TIMEOUT = "closed: TLS handshake not done in time (--tls-handshake-timeout)"
     REFUSED_BUSY = "refused: server busy (--max-connections)"
     REFUSED_PER_ADDRESS = "refused: too many connections from this address (--max-per-address)"
     REFUSED_DENIED = "refused: address denied (--allow/--deny)"
     REFUSED_STOPPING = "refused: server stopping"
+    REFUSED_UNTRUSTED_PROXY = "refused: not a trusted proxy (--proxy-trusted)"
 
     @property
     def label(self) -> str:
@@ -152,6 +193,7 @@ class Command(enum.Enum):
     CLOSE = "close"  # close once what is queued is sent
     ABORT = "abort"  # close at once, dropping what is queued (the peer sees a reset)
     RESCHEDULE = "reschedule"  # the next deadline moved earlier: re-arm the timer
+    OPEN = "open"  # the states before OPEN are done: admit the client, then call `opened`
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +208,11 @@ class SessionSettings:
     line_timeout: float = DEFAULT_LINE_TIMEOUT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     linger_timeout: float = LINGER_TIMEOUT
+    proxy: ProxyMode = "off"
+    proxy_timeout: float = PROXY_HEADER_TIMEOUT
+    tls: bool = False
+    handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    greeting: Greeting = "off"
 
 
 class Session:
@@ -178,9 +225,11 @@ class Session:
     in ``discard_reason``).
     """
 
-    def __init__(self, settings: SessionSettings, now: float) -> None:
+    def __init__(self, settings: SessionSettings, now: float, *, proxied: bool = False) -> None:
+        """``proxied``: the peer is a trusted proxy, and ``settings.proxy`` is not off."""
         self.settings = settings
         self.state = State.OPEN
+        self.proxy_header: proxy.ProxyHeader | None = None
         self.reason: CloseReason | None = None
         self.detail = ""
         self.commands: list[Command] = []
@@ -208,6 +257,14 @@ class Session:
         self._extra_sent = 0  # bytes the session itself wrote (errors, refusals)
         self._discard_reason = ""
         self._stop_after: int | None = None  # stopping: answer input up to this many bytes
+        self._header = b""  # a PROXY header's bytes so far
+        self._held = b""  # received before the connection was open: answered by `opened`
+        if proxied:
+            self.state = State.PROXY_HEADER
+        elif settings.tls:
+            self.state = State.HANDSHAKE
+        if self.state is not State.OPEN:
+            self._fast = self._echo_raw = False
 
     # What the engine feeds in.
 
@@ -226,6 +283,59 @@ class Session:
             return self._conn_receive(data)
         return self._receive(data, now)
 
+    def header_peeked(self, data: bytes, now: float) -> int:
+        """PROXY_HEADER, when the engine must not read past the header (TLS follows it):
+        ``data`` is what the kernel holds, peeked, not read. Returns how many of those bytes
+        to read (and drop): the header's, never one more."""
+        if self.state is not State.PROXY_HEADER:
+            return 0
+        return self._feed_header(data, now)
+
+    def handshake_deadline(self) -> float:
+        """When the TLS handshake must be done by."""
+        return self.opened_at + self.settings.handshake_timeout
+
+    def handshake_done(self, now: float) -> None:
+        """The engine's TLS handshake succeeded: the connection opens."""
+        if self.state is State.HANDSHAKE:
+            self._enter(State.OPEN, now)
+            self.commands.append(Command.OPEN)
+
+    def handshake_failed(self, detail: str, *, timed_out: bool = False) -> None:
+        """The TLS handshake failed (``detail``: the TLS library's words), or timed out. The
+        engine closes the connection and reports it lost."""
+        if self.state is State.HANDSHAKE:
+            self.reason = (
+                CloseReason.TLS_HANDSHAKE_TIMEOUT if timed_out else CloseReason.TLS_HANDSHAKE_FAILED
+            )
+            self.detail = detail
+            self._enter(State.CLOSED, self._state_since)
+
+    def opened(self, now: float, info: Mapping[str, object] | None = None) -> bytes:
+        """The driver admitted the client after the states before OPEN (`Command.OPEN`):
+        returns the greeting (``info`` as one JSON line, with ``--greeting info``) and the
+        answer to what arrived meanwhile."""
+        self._last_input = now
+        self._fast = self.settings.framing == "raw"
+        self._echo_raw = self._fast and self.settings.reply == "echo"
+        out = b""
+        if self.settings.greeting == "info" and info is not None:
+            out = self._extra(json.dumps(info, separators=(", ", ": ")).encode() + b"\n")
+        held, self._held = self._held, b""
+        if held:
+            self._fast = self._echo_raw = False
+            out += self._receive_open(held, now)
+            if self.state is State.OPEN and self._stop_after is None:
+                self._fast = self.settings.framing == "raw"
+                self._echo_raw = self._fast and self.settings.reply == "echo"
+        return out
+
+    @property
+    def client(self) -> tuple[str, int] | None:
+        """The real client's address from a PROXY header (None: the peer is the client)."""
+        header = self.proxy_header
+        return None if header is None else header.source
+
     def handle_timeout(self, now: float) -> bytes:
         """The engine's timer fired. Returns bytes to send; deadlines not yet due are kept."""
         self._announced = None
@@ -233,6 +343,12 @@ class Session:
         blocked_since = self._blocked_since
         if state is State.CLOSED:
             pass
+        elif state is State.PROXY_HEADER:
+            if now >= self._state_since + self.settings.proxy_timeout:
+                self._close(CloseReason.PROXY_HEADER_TIMEOUT, now)
+        elif state is State.HANDSHAKE:
+            if now >= self.handshake_deadline():
+                self._abort(CloseReason.TLS_HANDSHAKE_TIMEOUT)
         elif blocked_since is not None and now >= blocked_since + self.settings.write_timeout:
             self._abort(CloseReason.NOT_READING)
         elif state is State.OPEN:
@@ -264,6 +380,8 @@ class Session:
         close. Returns the bytes to send."""
         self._fast = self._echo_raw = False
         reply = REFUSAL_REPLIES.get(reason, b"")
+        if self.state is State.HANDSHAKE:
+            reply = b""  # a TLS client could not read a plain-text line
         if reply:
             self._finish(reason, now)
             return self._extra(reply)
@@ -279,6 +397,12 @@ class Session:
         engine has not read yet. They were received too, so they are answered as they are
         read; the session finishes after the last of them.
         """
+        if self.state is State.PROXY_HEADER:
+            self._close(CloseReason.SERVER_STOPPING, now)
+            return b""
+        if self.state is State.HANDSHAKE:
+            self._abort(CloseReason.SERVER_STOPPING)
+            return b""
         if self.state is not State.OPEN or self._stop_after is not None:
             return b""
         if unread > 0:
@@ -353,6 +477,17 @@ class Session:
 
     def _receive(self, data: bytes, now: float) -> bytes:
         state = self.state
+        if state is State.PROXY_HEADER:
+            if not data:
+                self._header_unfinished(now)
+                return b""
+            used = self._feed_header(data, now)
+            if self.state is not State.PROXY_HEADER:
+                self._held += data[used:]
+            return b""
+        if state is State.HANDSHAKE:
+            self._held += data  # an engine that reads before its handshake: kept for `opened`
+            return b""
         if state is State.OPEN and data and self._stop_after is not None:
             return self._receive_while_stopping(data, now)
         if state is State.OPEN:
@@ -400,6 +535,58 @@ class Session:
             self._line_started = now
             self._check_deadline()
 
+    def _feed_header(self, data: bytes, now: float) -> int:
+        """Bytes of a PROXY header: returns how many of ``data`` belong to it (or are held
+        while it is not yet known whether a header comes)."""
+        buffered = self._header + data
+        if self.settings.proxy == "optional" and proxy.starts_like_header(buffered) is False:
+            self._header = b""
+            self._held = buffered[: len(buffered) - len(data)]
+            self._after_header(now)
+            return 0
+        try:
+            header = proxy.parse(buffered)
+        except proxy.ProxyHeaderError as exc:
+            self._header = b""
+            self.detail = str(exc)
+            self._discard_reason = "bad PROXY header"
+            self._close(CloseReason.PROXY_HEADER_INVALID, now)
+            return len(data)
+        if header is None:
+            self._header = buffered
+            return len(data)
+        used = header.length - len(self._header)
+        self._header = b""
+        self.proxy_header = header
+        self._after_header(now)
+        return used
+
+    def _header_unfinished(self, now: float) -> None:
+        """The peer finished sending before a whole header came (a check that connects and
+        closes, a header cut short): close, answering nothing. Waiting for the header's
+        deadline instead would hold the connection for nothing (and a thread that reads the
+        end again and again would spin)."""
+        if self._header:
+            self.detail = "PROXY: the connection ended inside the header"
+            self._discard_reason = "bad PROXY header"
+            self._close(CloseReason.PROXY_HEADER_INVALID, now)
+        else:
+            self._close(CloseReason.CLIENT_CLOSED, now)
+
+    def _after_header(self, now: float) -> None:
+        if self.settings.tls:
+            self._enter(State.HANDSHAKE, now)
+        else:
+            self._enter(State.OPEN, now)
+            self.commands.append(Command.OPEN)
+
+    def _close(self, reason: CloseReason, now: float) -> None:
+        """Close once what is queued is sent (nothing was answered)."""
+        self.reason = reason
+        self._fast = self._echo_raw = False
+        self._enter(State.CLOSING, now)
+        self.commands.append(Command.CLOSE)
+
     def _open_timeout(self, now: float) -> bytes:
         if self._blocked_since is not None:
             return b""  # nothing but the write timeout counts while the client is not reading
@@ -441,7 +628,9 @@ class Session:
     def _enter(self, state: State, now: float) -> None:
         if state not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"session cannot go from {self.state.value} to {state.value}")
-        if self.state is State.OPEN:
+        if state in _ANSWERS_NOTHING:
+            # From OPEN, and from the states before it (a bad PROXY header, a refusal): what
+            # the client sends from now on is discarded, counted, never counted as sent.
             self._conn.end_input()
         self.state = state
         self._state_since = now
@@ -468,4 +657,8 @@ class Session:
             deadlines.append(self._state_since + settings.linger_timeout)
         elif state is State.CLOSING:
             deadlines.append(self._state_since + settings.write_timeout)
+        elif state is State.PROXY_HEADER:
+            deadlines.append(self._state_since + settings.proxy_timeout)
+        elif state is State.HANDSHAKE:
+            deadlines.append(self.handshake_deadline())
         return min(deadlines, default=None)
