@@ -31,7 +31,7 @@ from tcpecho.cli import main
 from tcpecho.client import ClientTLS, EchoClient, run_interactive
 from tcpecho.errors import TLSConfigError
 from tcpecho.protocol.proxy import encode_v1, encode_v2, parse
-from tests.helpers import ROOT
+from tests.helpers import ROOT, ServerFactory
 
 # Bound for anything that should happen at once.
 PROMPTLY = 10.0
@@ -622,3 +622,27 @@ def test_client_host_1_and_bench_target_in_brackets_work_over_ipv6(
     assert report["target"] == f"[::1]:{peer.address[1]}"
     assert report["round_trips"] == 40
     assert all(received.peer[0] == "::1" for received in peer.received)
+
+
+# Against tcpecho's own server
+
+
+def test_client_and_bench_with_tls_and_a_proxy_header_against_tcpecho_serve(
+    pki: Pki, serve: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On every engine: a server with --tls-cert and --proxy-protocol on reads the header the
+    client and the bench send before TLS, and echoes every byte over TLS."""
+    server = serve(
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        proxy_protocol="on",
+        proxy_trusted=("127.0.0.1/32",),
+    )
+    tls_args = ("--tls", "--ca", pki.ca, "--send-proxy", "v2")
+    client = tcpecho(monkeypatch, *client_args(server.address, *tls_args))
+    code, report = bench_json(
+        monkeypatch, *bench_args(server.address, "-n", "20", "--reconnect", *tls_args)
+    )
+    assert (client.code, client.stdout, client.stderr) == (0, b"hello\n", "")
+    assert code == 0, report
+    assert (report["round_trips"], report["tls_handshakes"], report["mismatches"]) == (20, 20, {})
