@@ -137,10 +137,10 @@ class AsyncioEngine:
         if loop is None or loop.is_closed():
             return
         if loop.is_running() and _running_loop() is loop:
-            # A signal handler, run by the loop's own thread between two callbacks: stop now,
-            # not a turn later (a loop that is behind takes long over each turn).
-            self._request_stop(force)
-            return
+            # A signal handler, run by the loop's own thread between two callbacks: refuse new
+            # clients now, not a turn or two later (a loop that is behind takes long over each
+            # turn). The drain starts on the next turn, once this one's reads are answered.
+            self._close_listeners()
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(self._request_stop, force)
 
@@ -267,7 +267,10 @@ class LoopConnection(Driver, asyncio.Protocol):
                 timeout = max(session.handshake_deadline() - monotonic(), 0.001)
                 loop = asyncio.get_running_loop()
                 await loop.connect_accepted_socket(
-                    _factory(self), sock, ssl=context, ssl_handshake_timeout=timeout
+                    _factory(self),
+                    sock,
+                    ssl=context,
+                    ssl_handshake_timeout=timeout,
                 )
                 return
         except (OSError, asyncio.CancelledError, TimeoutError) as exc:
@@ -347,6 +350,10 @@ class LoopConnection(Driver, asyncio.Protocol):
         return net.format_address(self.transport.get_extra_info("sockname"))
 
     def unread(self) -> int:
+        if self.tls_info:
+            # The kernel holds TLS records, whose plain text is shorter by an unknown amount:
+            # waiting for that many bytes would wait for the drain timeout.
+            return 0
         sock = self.transport.get_extra_info("socket")
         if sock is None:
             return 0

@@ -305,12 +305,12 @@ class Driver:
     def data_received(self, data: bytes) -> None:
         try:
             out = self.receive(data, monotonic())
-            if out:
+            if self.commands:
+                self.send(out)
+            elif out:
                 self.write(out)
             if self.log_messages:
                 self.core.messages(self)
-            if self.commands:
-                self.carry_out()
         except OSError:
             raise  # the connection's own end: the engine reports it through `lost`
         except Exception as exc:
@@ -380,13 +380,24 @@ class Driver:
             self.core.closed(self)
 
     def send(self, out: bytes) -> None:
-        """Send what a session call returned, then carry out its commands."""
+        """Send what a session call returned, then carry out its commands.
+
+        The commands are taken first: a write that blocks tells the session, whose commands
+        for that are carried out at once, while these (a half-close, say) must follow the
+        bytes they come after.
+        """
+        commands = self.session.take_commands()
         if out:
             self.write(out)
-        self.carry_out()
+        self._carry_out(commands)
+        if self.commands:
+            self.carry_out()
 
     def carry_out(self) -> None:
-        for command in self.session.take_commands():
+        self._carry_out(self.session.take_commands())
+
+    def _carry_out(self, commands: list[Command]) -> None:
+        for command in commands:
             if command is Command.RESCHEDULE:
                 self.set_timer(self.session.next_deadline())
             elif command is Command.OPEN:

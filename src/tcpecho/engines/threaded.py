@@ -370,7 +370,9 @@ class ThreadConnection(Driver):
 
     def shut_write(self) -> None:
         if self._tls:
-            return  # TLS has no half-close that every client understands: the close follows
+            # No half-close over TLS: after close_notify, clients treat more data from them as
+            # an error. The close (and close_notify) follows the client's end or the linger.
+            return
         if self.core.stopping:
             self._wait_acknowledged()
         self.sock.shutdown(socket.SHUT_WR)
