@@ -1,10 +1,15 @@
-"""A private bad network for tests: two network namespaces joined by a veth pair.
+"""Private networks for tests: network namespaces as hosts, joined by veth pairs.
+
+`veth_link` is a bad network: two namespaces joined by one veth pair.
 
 The server's namespace holds 198.18.0.1/30 and the client's 198.18.0.2/30, from the range set
 aside for benchmarking (RFC 2544, 198.18.0.0/15), so that neither can be mistaken for a real
 network. Each test makes its own pair under names no other run uses, makes its faults on it
 (random loss with nftables, a rate limit with tc's tbf, the link going down) and deletes it
 afterwards, with every process still inside.
+
+`new_namespaces`, `add_veth` and `connect_in` are its parts, for tests that build other
+networks (tests/test_haproxy.py: a client, a balancer and two servers).
 
 Making namespaces needs root and iproute2, loss needs nftables, the rate limit tc; where one is
 missing, the test is skipped (failed in CI, by ``helpers.unavailable``).
@@ -158,32 +163,38 @@ class Link:
                 unavailable(f"tc cannot add a tbf qdisc here: {result.stderr.strip()}")
 
     def connect_from_client(self, address: tuple[str, int], timeout: float) -> socket.socket:
-        """A TCP connection to ``address`` made from the client's namespace, in this process.
+        """A TCP connection to ``address`` made from the client's namespace, in this process."""
+        return connect_in(self.client_namespace, address, timeout)
 
-        A socket belongs to the namespace of the thread that made it, for good; so a thread
-        joins the namespace (setns affects only the calling thread), connects and ends, and the
-        socket serves any thread after.
-        """
-        made: list[socket.socket] = []
-        failed: list[BaseException] = []
 
-        def connect() -> None:
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                with open(f"/run/netns/{self.client_namespace}", "rb") as namespace:
-                    if libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
-                        error = ctypes.get_errno()
-                        raise OSError(error, f"setns: {os.strerror(error)}")
-                made.append(socket.create_connection(address, timeout=timeout))
-            except BaseException as error:  # re-raised in the caller's thread
-                failed.append(error)
+def connect_in(namespace: str, address: tuple[str, int], timeout: float) -> socket.socket:
+    """A TCP connection to ``address`` made from ``namespace``, in this process; the caller
+    closes it.
 
-        thread = threading.Thread(target=connect, name=f"setns-{self.client_namespace}")
-        thread.start()
-        thread.join()
-        if failed:
-            raise failed[0]
-        return made[0]
+    A socket belongs to the namespace of the thread that made it, for good; so a thread joins
+    the namespace (setns affects only the calling thread), connects and ends, and the socket
+    serves any thread after. Raises what the connect raised (OSError, TimeoutError).
+    """
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{namespace}", "rb") as handle:
+                if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"setns: {os.strerror(error)}")
+            made.append(socket.create_connection(address, timeout=timeout))
+        except BaseException as error:  # re-raised in the caller's thread
+            failed.append(error)
+
+    thread = threading.Thread(target=connect, name=f"setns-{namespace}")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made[0]
 
 
 def _end_processes_in(ip: str, namespace: str) -> None:
@@ -202,39 +213,60 @@ def _end_processes_in(ip: str, namespace: str) -> None:
 
 
 @contextmanager
-def veth_link() -> Iterator[Link]:
-    """Two new namespaces joined by a veth pair, addressed and up; deleted on the way out."""
+def new_namespaces(*names: str) -> Iterator[str]:
+    """Make the network namespaces ``names``; on the way out, end every process left in them
+    and delete them, with their veth ends. Yields the path of ``ip``.
+
+    Skipped (failed in CI) without root, iproute2, or the right to make a namespace.
+    """
     require_root("making network namespaces")
     ip = require_peer("ip")
-    # Names unique to this test, so that parallel or repeated runs never meet; a device name
-    # is at most 15 bytes.
-    token = secrets.token_hex(4)
-    link = Link(
-        ip=ip,
-        server_namespace=f"tcpecho-{token}-server",
-        client_namespace=f"tcpecho-{token}-client",
-        server_device=f"te{token}s",
-        client_device=f"te{token}c",
-    )
     made: list[str] = []
     try:
-        for namespace in (link.server_namespace, link.client_namespace):
+        for namespace in names:
             result = _run([ip, "netns", "add", namespace])
             if result.returncode != 0:
                 unavailable(f"cannot make a network namespace: {result.stderr.strip()}")
             made.append(namespace)
-        _must(
-            ip, "link", "add", link.server_device, "netns", link.server_namespace,
-            "type", "veth", "peer", "name", link.client_device, "netns", link.client_namespace,
-        )  # fmt: skip
-        for (namespace, device), address in zip(
-            link.ends(), (SERVER_ADDRESS, CLIENT_ADDRESS), strict=True
-        ):
-            prefix = f"{address}/{PREFIX_LENGTH}"
-            _must(ip, "-n", namespace, "address", "add", prefix, "dev", device)
-            _must(ip, "-n", namespace, "link", "set", device, "up")
-        yield link
+        yield ip
     finally:
         for namespace in made:
             _end_processes_in(ip, namespace)
             _run([ip, "netns", "delete", namespace])
+
+
+def add_veth(ip: str, *ends: tuple[str, str, str]) -> None:
+    """A veth pair between two namespaces, each end (namespace, device, address/prefix)
+    addressed and up. Deleting either namespace deletes the pair."""
+    (first, first_device, _), (second, second_device, _) = ends
+    _must(
+        ip, "link", "add", first_device, "netns", first,
+        "type", "veth", "peer", "name", second_device, "netns", second,
+    )  # fmt: skip
+    for namespace, device, prefix in ends:
+        _must(ip, "-n", namespace, "address", "add", prefix, "dev", device)
+        _must(ip, "-n", namespace, "link", "set", device, "up")
+
+
+@contextmanager
+def veth_link() -> Iterator[Link]:
+    """Two new namespaces joined by a veth pair, addressed and up; deleted on the way out."""
+    # Names unique to this test, so that parallel or repeated runs never meet; a device name
+    # is at most 15 bytes.
+    token = secrets.token_hex(4)
+    server_namespace = f"tcpecho-{token}-server"
+    client_namespace = f"tcpecho-{token}-client"
+    with new_namespaces(server_namespace, client_namespace) as ip:
+        link = Link(
+            ip=ip,
+            server_namespace=server_namespace,
+            client_namespace=client_namespace,
+            server_device=f"te{token}s",
+            client_device=f"te{token}c",
+        )
+        add_veth(
+            ip,
+            (server_namespace, link.server_device, f"{SERVER_ADDRESS}/{PREFIX_LENGTH}"),
+            (client_namespace, link.client_device, f"{CLIENT_ADDRESS}/{PREFIX_LENGTH}"),
+        )
+        yield link
