@@ -191,6 +191,24 @@ def test_health_endpoints_and_not_found() -> None:
         assert get(metrics, "/readyz")[:3:2] == (503, "stopping\n")
 
 
+@contextmanager
+def stuck_client(port: int) -> Iterator[tuple[socket.socket, int]]:
+    """A client of 127.0.0.1:``port`` that sent until the server stopped reading, because the
+    server's echo waits on this client, which does not read: a stop's drain waits on it too.
+    Yields the socket and how many bytes it sent."""
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        held.connect(("127.0.0.1", port))
+        held.settimeout(0.5)
+        sent = 0
+        with suppress(TimeoutError):
+            while sent < STUCK_AFTER:
+                sent += held.send(b"z" * 65536)
+        assert sent < STUCK_AFTER, "the server never stopped reading"
+        yield held, sent
+
+
 def metrics_address(server: ServerProcess) -> tuple[str, int]:
     """The metrics address from the [METRICS] line, which follows the banner."""
     line = server.wait_for("[METRICS]").rstrip("\n")
@@ -211,18 +229,7 @@ def test_readyz_turns_503_as_the_drain_starts_and_the_port_closes_after() -> Non
         port = server.wait_listening()
         metrics = metrics_address(server)
         assert get(metrics, "/readyz")[:3:2] == (200, "ready\n")
-        with socket.socket() as held:
-            # Small buffers, then send until a send waits: the server has stopped reading
-            # because its echo waits on this client, and so will its drain.
-            held.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            held.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            held.connect(("127.0.0.1", port))
-            held.settimeout(0.5)
-            sent = 0
-            with suppress(TimeoutError):
-                while sent < STUCK_AFTER:
-                    sent += held.send(b"z" * 65536)
-            assert sent < STUCK_AFTER, "the server never stopped reading"
+        with stuck_client(port) as (held, sent):
             server.proc.send_signal(signal.SIGTERM)
             server.wait_for("[SERVER STOPPING]")
             deadline = time.monotonic() + PROMPTLY
