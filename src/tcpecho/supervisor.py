@@ -161,7 +161,11 @@ class _Workers:
         for sock in self.listeners:
             sock.close()
         for pid in self.running:
-            os.kill(pid, signal.SIGTERM)
+            # A worker that os.wait() has just reaped is still in `running` when the signal
+            # interrupts run() before its pop; and one may already have ended on a SIGTERM of
+            # its own (systemd's default KillMode signals every process of the unit).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def spawn(self, number: int) -> None:
         # Signals wait until the new worker is in `running`, so that stop() reaches it.
