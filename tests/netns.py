@@ -158,32 +158,37 @@ class Link:
                 unavailable(f"tc cannot add a tbf qdisc here: {result.stderr.strip()}")
 
     def connect_from_client(self, address: tuple[str, int], timeout: float) -> socket.socket:
-        """A TCP connection to ``address`` made from the client's namespace, in this process.
+        """A TCP connection to ``address`` made from the client's namespace, in this process."""
+        return connect_in(self.client_namespace, address, timeout)
 
-        A socket belongs to the namespace of the thread that made it, for good; so a thread
-        joins the namespace (setns affects only the calling thread), connects and ends, and the
-        socket serves any thread after.
-        """
-        made: list[socket.socket] = []
-        failed: list[BaseException] = []
 
-        def connect() -> None:
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                with open(f"/run/netns/{self.client_namespace}", "rb") as namespace:
-                    if libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
-                        error = ctypes.get_errno()
-                        raise OSError(error, f"setns: {os.strerror(error)}")
-                made.append(socket.create_connection(address, timeout=timeout))
-            except BaseException as error:  # re-raised in the caller's thread
-                failed.append(error)
+def connect_in(namespace: str, address: tuple[str, int], timeout: float) -> socket.socket:
+    """A TCP connection to ``address`` made from ``namespace``, in this process.
 
-        thread = threading.Thread(target=connect, name=f"setns-{self.client_namespace}")
-        thread.start()
-        thread.join()
-        if failed:
-            raise failed[0]
-        return made[0]
+    A socket belongs to the namespace of the thread that made it, for good; so a thread joins
+    the namespace (setns affects only the calling thread), connects and ends, and the socket
+    serves any thread after.
+    """
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{namespace}", "rb") as handle:
+                if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"setns: {os.strerror(error)}")
+            made.append(socket.create_connection(address, timeout=timeout))
+        except BaseException as error:  # re-raised in the caller's thread
+            failed.append(error)
+
+    thread = threading.Thread(target=connect, name=f"setns-{namespace}")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made[0]
 
 
 def _end_processes_in(ip: str, namespace: str) -> None:
@@ -199,6 +204,42 @@ def _end_processes_in(ip: str, namespace: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"processes {pids} in {namespace} did not die")
         time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace with only its loopback, up: a private 127.0.0.1 whose ports no other
+    test or program uses, so that a test may listen on a fixed port."""
+
+    ip: str
+    name: str
+
+    def exec_in(self) -> list[str]:
+        """The command prefix that runs a program in the namespace (``ip netns exec`` execs
+        it, so the process started is the program itself)."""
+        return [self.ip, "netns", "exec", self.name]
+
+    def connect(self, address: tuple[str, int], timeout: float) -> socket.socket:
+        """A TCP connection to ``address`` made from inside the namespace, in this process."""
+        return connect_in(self.name, address, timeout)
+
+
+@contextmanager
+def loopback_namespace() -> Iterator[Namespace]:
+    """A new namespace with its loopback up; deleted on the way out, with every process in it
+    killed."""
+    require_root("making network namespaces")
+    ip = require_peer("ip")
+    namespace = Namespace(ip, f"tcpecho-{secrets.token_hex(4)}-lo")
+    result = _run([ip, "netns", "add", namespace.name])
+    if result.returncode != 0:
+        unavailable(f"cannot make a network namespace: {result.stderr.strip()}")
+    try:
+        _must(ip, "-n", namespace.name, "link", "set", "lo", "up")
+        yield namespace
+    finally:
+        _end_processes_in(ip, namespace.name)
+        _run([ip, "netns", "delete", namespace.name])
 
 
 @contextmanager
