@@ -81,7 +81,11 @@ def _log_banner(addresses: list[Address], config: ServerConfig) -> None:
             "socket activation: serving on the sockets passed as descriptors %s; --host, "
             "--port and --backlog are not used",
             fds,
-            extra={"tag": "SYSTEMD", "fields": {"fds": list(config.listen_fds)}},
+            extra={
+                "tag": "SYSTEMD",
+                "event": "socket_activation",
+                "fields": {"fds": list(config.listen_fds)},
+            },
         )
 
 

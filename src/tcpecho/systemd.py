@@ -60,5 +60,5 @@ class Notifier:
                 "cannot notify systemd at %s: %s",
                 self.address,
                 exc.strerror or exc,
-                extra={"tag": "SYSTEMD"},
+                extra={"tag": "SYSTEMD", "event": "notify_failed"},
             )
