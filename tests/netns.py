@@ -1,10 +1,15 @@
-"""A private bad network for tests: two network namespaces joined by a veth pair.
+"""Private networks for tests: network namespaces as hosts, joined by veth pairs.
+
+`veth_link` is a bad network: two namespaces joined by one veth pair.
 
 The server's namespace holds 198.18.0.1/30 and the client's 198.18.0.2/30, from the range set
 aside for benchmarking (RFC 2544, 198.18.0.0/15), so that neither can be mistaken for a real
 network. Each test makes its own pair under names no other run uses, makes its faults on it
 (random loss with nftables, a rate limit with tc's tbf, the link going down) and deletes it
 afterwards, with every process still inside.
+
+`new_namespaces`, `add_veth` and `connect_in` are its parts, for tests that build other
+networks (tests/test_haproxy.py: a client, a balancer and two servers).
 
 Making namespaces needs root and iproute2, loss needs nftables, the rate limit tc; where one is
 missing, the test is skipped (failed in CI, by ``helpers.unavailable``).
@@ -163,11 +168,12 @@ class Link:
 
 
 def connect_in(namespace: str, address: tuple[str, int], timeout: float) -> socket.socket:
-    """A TCP connection to ``address`` made from ``namespace``, in this process.
+    """A TCP connection to ``address`` made from ``namespace``, in this process; the caller
+    closes it.
 
     A socket belongs to the namespace of the thread that made it, for good; so a thread joins
     the namespace (setns affects only the calling thread), connects and ends, and the socket
-    serves any thread after.
+    serves any thread after. Raises what the connect raised (OSError, TimeoutError).
     """
     made: list[socket.socket] = []
     failed: list[BaseException] = []
@@ -206,6 +212,42 @@ def _end_processes_in(ip: str, namespace: str) -> None:
         time.sleep(0.05)
 
 
+@contextmanager
+def new_namespaces(*names: str) -> Iterator[str]:
+    """Make the network namespaces ``names``; on the way out, end every process left in them
+    and delete them, with their veth ends. Yields the path of ``ip``.
+
+    Skipped (failed in CI) without root, iproute2, or the right to make a namespace.
+    """
+    require_root("making network namespaces")
+    ip = require_peer("ip")
+    made: list[str] = []
+    try:
+        for namespace in names:
+            result = _run([ip, "netns", "add", namespace])
+            if result.returncode != 0:
+                unavailable(f"cannot make a network namespace: {result.stderr.strip()}")
+            made.append(namespace)
+        yield ip
+    finally:
+        for namespace in made:
+            _end_processes_in(ip, namespace)
+            _run([ip, "netns", "delete", namespace])
+
+
+def add_veth(ip: str, *ends: tuple[str, str, str]) -> None:
+    """A veth pair between two namespaces, each end (namespace, device, address/prefix)
+    addressed and up. Deleting either namespace deletes the pair."""
+    (first, first_device, _), (second, second_device, _) = ends
+    _must(
+        ip, "link", "add", first_device, "netns", first,
+        "type", "veth", "peer", "name", second_device, "netns", second,
+    )  # fmt: skip
+    for namespace, device, prefix in ends:
+        _must(ip, "-n", namespace, "address", "add", prefix, "dev", device)
+        _must(ip, "-n", namespace, "link", "set", device, "up")
+
+
 @dataclass(frozen=True)
 class Namespace:
     """A network namespace with only its loopback, up: a private 127.0.0.1 whose ports no other
@@ -228,54 +270,31 @@ class Namespace:
 def loopback_namespace() -> Iterator[Namespace]:
     """A new namespace with its loopback up; deleted on the way out, with every process in it
     killed."""
-    require_root("making network namespaces")
-    ip = require_peer("ip")
-    namespace = Namespace(ip, f"tcpecho-{secrets.token_hex(4)}-lo")
-    result = _run([ip, "netns", "add", namespace.name])
-    if result.returncode != 0:
-        unavailable(f"cannot make a network namespace: {result.stderr.strip()}")
-    try:
-        _must(ip, "-n", namespace.name, "link", "set", "lo", "up")
-        yield namespace
-    finally:
-        _end_processes_in(ip, namespace.name)
-        _run([ip, "netns", "delete", namespace.name])
+    name = f"tcpecho-{secrets.token_hex(4)}-lo"
+    with new_namespaces(name) as ip:
+        _must(ip, "-n", name, "link", "set", "lo", "up")
+        yield Namespace(ip, name)
 
 
 @contextmanager
 def veth_link() -> Iterator[Link]:
     """Two new namespaces joined by a veth pair, addressed and up; deleted on the way out."""
-    require_root("making network namespaces")
-    ip = require_peer("ip")
     # Names unique to this test, so that parallel or repeated runs never meet; a device name
     # is at most 15 bytes.
     token = secrets.token_hex(4)
-    link = Link(
-        ip=ip,
-        server_namespace=f"tcpecho-{token}-server",
-        client_namespace=f"tcpecho-{token}-client",
-        server_device=f"te{token}s",
-        client_device=f"te{token}c",
-    )
-    made: list[str] = []
-    try:
-        for namespace in (link.server_namespace, link.client_namespace):
-            result = _run([ip, "netns", "add", namespace])
-            if result.returncode != 0:
-                unavailable(f"cannot make a network namespace: {result.stderr.strip()}")
-            made.append(namespace)
-        _must(
-            ip, "link", "add", link.server_device, "netns", link.server_namespace,
-            "type", "veth", "peer", "name", link.client_device, "netns", link.client_namespace,
-        )  # fmt: skip
-        for (namespace, device), address in zip(
-            link.ends(), (SERVER_ADDRESS, CLIENT_ADDRESS), strict=True
-        ):
-            prefix = f"{address}/{PREFIX_LENGTH}"
-            _must(ip, "-n", namespace, "address", "add", prefix, "dev", device)
-            _must(ip, "-n", namespace, "link", "set", device, "up")
+    server_namespace = f"tcpecho-{token}-server"
+    client_namespace = f"tcpecho-{token}-client"
+    with new_namespaces(server_namespace, client_namespace) as ip:
+        link = Link(
+            ip=ip,
+            server_namespace=server_namespace,
+            client_namespace=client_namespace,
+            server_device=f"te{token}s",
+            client_device=f"te{token}c",
+        )
+        add_veth(
+            ip,
+            (server_namespace, link.server_device, f"{SERVER_ADDRESS}/{PREFIX_LENGTH}"),
+            (client_namespace, link.client_device, f"{CLIENT_ADDRESS}/{PREFIX_LENGTH}"),
+        )
         yield link
-    finally:
-        for namespace in made:
-            _end_processes_in(ip, namespace)
-            _run([ip, "netns", "delete", namespace])

@@ -151,6 +151,17 @@ def test_a_header_then_data_is_echoed_exactly_and_logged_as_the_client_via_the_p
     assert f"({len(payload)} bytes received, {len(payload)} sent" in closed
 
 
+def test_data_in_the_same_read_as_the_header_is_logged_once(start: Start) -> None:
+    """A message that arrives with the header is held until the connection opens, then logged
+    once (opening logs it; the read that brought it must not log it again)."""
+    server = start()
+    with connect(server.address) as sock:
+        sock.sendall(header("v2") + b"hello\n")  # one write, one read on loopback
+        assert recv_exactly(sock, 6) == b"hello\n"
+    server.wait_for("DISCONNECTED")
+    assert server.lines("203.0.113.5:4000") == ["hello\\n"]
+
+
 def test_greeting_info_is_one_json_line_naming_the_client_server_and_proxy(start: Start) -> None:
     server = start(greeting="info")
     with connect(server.address) as sock:

@@ -110,7 +110,9 @@ def check_port(port: int) -> int:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_version(parser)
     parser.set_defaults(run=run_bench)
-    parser.add_argument("target", metavar="HOST:PORT", help="the echo server to measure")
+    parser.add_argument(
+        "target", metavar="HOST:PORT", help="the echo server to measure; [::1]:PORT for IPv6"
+    )
     parser.add_argument(
         "-c", "--connections", type=int, default=50, metavar="N", help="(default: %(default)s)"
     )
@@ -172,8 +174,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=1, help="seed of the payload pattern (default: %(default)s)"
     )
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="each connection sends one message, reads its echo, closes and connects again: "
+        "measures connects (and TLS handshakes) per second",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (schema: docs)")
     parser.add_argument("--hist-file", metavar="PATH", help="write the HdrHistogram log here")
+    add_tls_arguments(parser)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,8 +256,62 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         type=float,
         default=client.DEFAULT_TIMEOUT,
-        help="seconds to wait to connect and for each reply (default: %(default)s)",
+        help="seconds to wait to connect (TLS handshake included) and for each reply "
+        "(default: %(default)s)",
     )
+    add_tls_arguments(parser)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """The client's and the bench's options for TLS and for sending a PROXY header."""
+    group = parser.add_argument_group("TLS and the PROXY protocol")
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS (1.2 or later); the server's certificate and name are checked",
+    )
+    group.add_argument(
+        "--ca", metavar="FILE", help="trust the CAs in this PEM file (default: the system's)"
+    )
+    group.add_argument("--cert", metavar="FILE", help="present this client certificate (PEM)")
+    group.add_argument(
+        "--key", metavar="FILE", help="the client certificate's key (default: in --cert's file)"
+    )
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name to ask for (SNI) and to check the certificate against (default: the host)",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not check the server's certificate or name (a warning says so)",
+    )
+    group.add_argument(
+        "--send-proxy",
+        choices=client.PROXY_VERSIONS,
+        help="send a PROXY protocol header with this connection's addresses first, before "
+        "TLS, as a load balancer would",
+    )
+
+
+def client_tls(args: argparse.Namespace, command: str) -> client.ClientTLS | None:
+    """The TLS options given, or None without --tls; `ConfigError` for one given without it.
+    With --insecure, warns on stderr."""
+    if not args.tls:
+        for option in ("ca", "cert", "key", "server_name", "insecure"):
+            value = getattr(args, option)
+            if value not in (None, False):
+                name = "--" + option.replace("_", "-")
+                raise ConfigError(name, value, "it applies only with --tls")
+        return None
+    if args.insecure:
+        print(
+            f"tcpecho {command}: warning: --insecure: the server's certificate and name are "
+            "not checked",
+            file=sys.stderr,
+        )
+    return client.ClientTLS(args.ca, args.cert, args.key, args.server_name, args.insecure)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -270,7 +333,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     host, _, port = args.target.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError("target", args.target, "give it as HOST:PORT")
+        raise ConfigError("target", args.target, "give it as HOST:PORT ([HOST]:PORT for IPv6)")
     options = BenchOptions(
         host=host.strip("[]"),
         port=check_port(int(port)),
@@ -284,6 +347,9 @@ def run_bench(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         processes=args.processes,
         seed=args.seed,
+        tls=client_tls(args, "bench"),
+        send_proxy=args.send_proxy,
+        reconnect=args.reconnect,
     )
     bench.check_extra()
     if loop_name() == "asyncio":
@@ -306,7 +372,16 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_client(args: argparse.Namespace) -> int:
     check_port(args.port)
-    echo_client = client.EchoClient(args.host, args.port, args.timeout)
+    host = args.host.strip("[]")  # [::1] as well as ::1
+    tls = client_tls(args, "client")
+    echo_client = client.EchoClient(
+        host,
+        args.port,
+        args.timeout,
+        ssl_context=None if tls is None else tls.context(),
+        server_hostname=None if tls is None else tls.server_name,
+        send_proxy=args.send_proxy,
+    )
     try:
         echo_client.connect()
     except ConnectionRefused:

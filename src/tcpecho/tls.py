@@ -118,8 +118,9 @@ def format_subject(certificate: object) -> str:
 
 
 def describe_ssl_error(exc: OSError) -> str:
-    """A short reason for a failed handshake: ``certificate verify failed: self-signed
-    certificate``, ``wrong version number`` (the peer does not speak TLS), …"""
+    """A short reason for a failed handshake, or for a TLS connection that broke, without
+    OpenSSL's codes: ``certificate verify failed: self-signed certificate``, ``wrong version
+    number`` (the peer does not speak TLS), ``tlsv13 alert certificate required``, …"""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or (

@@ -26,9 +26,12 @@ def run(
 ) -> dict[str, Any]:
     """Run the benchmark; return the report. ``progress``: a terminal for the live line.
 
-    Raises `MissingExtra` when hdrhistogram is not installed.
+    Raises `MissingExtra` when hdrhistogram is not installed, `TLSConfigError` when a TLS
+    file cannot be used.
     """
     check_extra()
+    if options.tls is not None:
+        options.tls.context()  # a bad file is one error here, not one per process
     started = time.time()
     counters = [multiprocessing.get_context("fork").Value("q", 0) for _ in range(options.processes)]
     stop_progress = threading.Event()

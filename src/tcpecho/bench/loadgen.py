@@ -6,14 +6,17 @@ import asyncio
 import importlib
 import math
 import socket
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
+from tcpecho import tls as tls_
 from tcpecho.bench.payload import HEADER, MIN_SIZE, Payloads, classify
+from tcpecho.client import ClientTLS, ProxyVersion, proxy_header
 from tcpecho.errors import ConfigError
 from tcpecho.net import describe_os_error
 
@@ -25,7 +28,12 @@ HIST_SIGNIFICANT_FIGURES = 3
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """One benchmark run. ``duration`` or ``requests`` ends it; ``rate`` makes it open-loop."""
+    """One benchmark run. ``duration`` or ``requests`` ends it; ``rate`` makes it open-loop.
+
+    ``tls``: speak TLS. ``send_proxy``: send a PROXY header first on each connection (before
+    TLS). ``reconnect``: each connection sends one message, reads its echo, closes and
+    connects again, so that connects (and TLS handshakes) per second are measured.
+    """
 
     host: str
     port: int
@@ -39,6 +47,9 @@ class BenchOptions:
     timeout: float = 10.0
     processes: int = 1
     seed: int = 1
+    tls: ClientTLS | None = None
+    send_proxy: ProxyVersion | None = None
+    reconnect: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +77,18 @@ class BenchOptions:
                 self.requests,
                 "must be at least 1",
             ),
+            (
+                not self.reconnect or self.pipeline == 1,
+                "--pipeline",
+                self.pipeline,
+                "must be 1 with --reconnect (one message per connection)",
+            ),
+            (
+                not self.reconnect or self.rate is None,
+                "--rate",
+                self.rate,
+                "cannot be combined with --reconnect",
+            ),
         ]
         for ok, option, value, reason in checks:
             if not ok:
@@ -84,6 +107,9 @@ class ShareResult:
     mismatches: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     bytes_verified: int = 0  # every echoed byte compared, warm-up and drain included
+    connects: int = 0  # connects completed within the measured window
+    tls_handshakes: int = 0  # TLS handshakes completed, warm-up and drain included
+    tls: dict[str, str] = field(default_factory=dict)  # describe_tls of the first one
 
 
 @dataclass
@@ -95,8 +121,30 @@ class _Clock:
     stop_sending: bool = False
 
 
+class _Member(Protocol):
+    """One of the run's connections, as the run drives it: a `_Connection`, or with
+    --reconnect a `_Reconnector` that makes one connection after another."""
+
+    done: asyncio.Future[None]
+    latencies: list[int]
+
+    def begin(self) -> None: ...
+
+    def open_transports(self) -> list[_Connection]:
+        """The connections whose transports are not closed yet."""
+        ...
+
+    def close_if_idle(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class _Connection(asyncio.Protocol):
-    """Keeps up to ``pipeline`` messages in flight and checks every echoed byte in order."""
+    """Keeps up to ``pipeline`` messages in flight and checks every echoed byte in order.
+
+    ``one_shot`` (--reconnect): send one message, numbered ``first_sequence``, and close once
+    its echo is back; ``clean`` then says whether it all came back right.
+    """
 
     def __init__(
         self,
@@ -106,6 +154,8 @@ class _Connection(asyncio.Protocol):
         clock: _Clock,
         result: ShareResult,
         quota: int | None,
+        first_sequence: int = 0,
+        one_shot: bool = False,
     ) -> None:
         self.number = number
         self.options = options
@@ -114,13 +164,19 @@ class _Connection(asyncio.Protocol):
         self.result = result
         self.to_send = quota  # measured messages this connection has still to send, or None
         self.size = options.size
-        self.sequence = 0
+        self.first_sequence = first_sequence
+        self.one_shot = one_shot
+        self.clean = False
+        self.sequence = first_sequence
         self.expected = bytearray()
         self.sent_at: deque[float] = deque()  # send (or intended send) time of each in flight
         self.received_in_message = 0
         self.latencies: list[int] = []
         self.transport: asyncio.Transport | None = None
         self.done = asyncio.get_running_loop().create_future()
+        # Set once the transport is closed for good: over TLS, after the close_notify
+        # exchange that close() starts.
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.interval = options.connections / options.rate if options.rate else 0.0
         self.next_intended = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -134,7 +190,11 @@ class _Connection(asyncio.Protocol):
 
     def begin(self) -> None:
         """Start sending: called for every connection once all are open."""
-        if self.to_send == 0:  # fewer --requests than connections: nothing for this one
+        # Fewer --requests than connections: nothing for this one. One shot (--reconnect)
+        # connected after the window closed: nothing either.
+        if self.done.done():
+            return  # already dropped: the server sent bytes before any were sent to it
+        if not self._sending():
             self._finish()
         elif self.interval:
             # Spread the connections' first sends evenly over one interval.
@@ -212,9 +272,12 @@ class _Connection(asyncio.Protocol):
             elif self._timer is None:
                 self._tick()
         elif not self.sent_at:
+            self.clean = True
             self._finish()
 
     def _sending(self) -> bool:
+        if self.one_shot and self.sequence > self.first_sequence:
+            return False
         return not self.clock.stop_sending and (self.to_send is None or self.to_send > 0)
 
     def _mismatch(self, data: bytes) -> None:
@@ -272,6 +335,11 @@ class _Connection(asyncio.Protocol):
         if exc is not None and not self.done.done():
             self.result.errors[_error_kind(exc)] += 1
         self._finish()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def open_transports(self) -> list[_Connection]:
+        return [] if self.closed.done() or self.transport is None else [self]
 
     def _finish(self, abort: bool = False) -> None:
         if self._timer is not None:
@@ -293,9 +361,94 @@ class _Connection(asyncio.Protocol):
         self._finish(abort=True)
 
 
+class _Reconnector:
+    """--reconnect: connection number ``number`` made again and again. Each time: connect
+    (PROXY header and TLS handshake included), send one message, check its echo, close. It
+    stops at the end of the window, when its quota is sent, or at the first failure."""
+
+    def __init__(
+        self,
+        number: int,
+        options: BenchOptions,
+        payloads: Payloads,
+        clock: _Clock,
+        result: ShareResult,
+        quota: int | None,
+        context: ssl.SSLContext | None,
+    ) -> None:
+        self.number = number
+        self.options = options
+        self.payloads = payloads
+        self.clock = clock
+        self.result = result
+        self.quota = quota
+        self.context = context
+        self.sequence = 0  # message numbers go on across the connections, all different
+        self.latencies: list[int] = []
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.current: _Connection | None = None
+        self._closing: list[_Connection] = []  # made before, their transports closing
+        self._task: asyncio.Task[None] | None = None
+
+    def begin(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def open_transports(self) -> list[_Connection]:
+        current = [] if self.current is None else self.current.open_transports()
+        return [*self._closing, *current]
+
+    async def _run(self) -> None:
+        clock, result = self.clock, self.result
+        try:
+            while not clock.stop_sending and (self.quota is None or self.quota > 0):
+                factory = partial(
+                    _Connection,
+                    self.number,
+                    self.options,
+                    self.payloads,
+                    clock,
+                    result,
+                    self.quota,
+                    first_sequence=self.sequence,
+                    one_shot=True,
+                )
+                connection = await _open_connection(factory, self.options, self.context, result)
+                if connection is None:
+                    return  # counted in result.errors
+                if clock.start <= time.perf_counter() <= clock.end:
+                    result.connects += 1
+                self.current = connection
+                connection.begin()
+                await connection.done
+                self.current = None
+                # Not awaited: closing (close_notify over TLS) overlaps the next connect.
+                self._closing = [c for c in self._closing if not c.closed.done()]
+                self._closing += connection.open_transports()
+                self.latencies += connection.latencies
+                self.quota, self.sequence = connection.to_send, connection.sequence
+                if not connection.clean:
+                    return  # a mismatch or an error, counted by the connection
+        finally:
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def close_if_idle(self) -> None:
+        # Between connections there is nothing to close: the loop sees stop_sending.
+        if self.current is not None:
+            self.current.close_if_idle()
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+        if self._task is not None:
+            self._task.cancel()
+
+
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"  # the name the run's own timeouts are counted under
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {tls_.describe_ssl_error(exc)}"
     return describe_os_error(exc) if isinstance(exc, OSError) else type(exc).__name__
 
 
@@ -333,7 +486,17 @@ async def run_share(
     loop = asyncio.get_running_loop()
     result = ShareResult()
     clock = _Clock()
-    connections = await _open_connections(options, first, count, clock, result)
+    context = None if options.tls is None else options.tls.context()
+    connections: list[_Member]
+    if options.reconnect:  # the connects are what is measured: the clock starts now
+        payloads = Payloads(options.size, options.seed)
+        quotas = _quotas(options, first, count)
+        connections = [
+            _Reconnector(first + i, options, payloads, clock, result, quotas[i], context)
+            for i in range(count)
+        ]
+    else:
+        connections = list(await _open_connections(options, first, count, clock, result, context))
     clock.start = time.perf_counter() + options.warmup
     if options.duration is not None:
         clock.end = clock.start + options.duration
@@ -342,6 +505,7 @@ async def run_share(
     flusher = loop.create_task(_flush_latencies(connections, result, progress))
     await _wait_until_finished(connections, options, clock, result)
     flusher.cancel()
+    await _wait_closed(connections, options.timeout)
     finished = min(time.perf_counter(), clock.end)
     _collect(connections, result)
     result.round_trips = result.latencies_us.total()
@@ -351,7 +515,12 @@ async def run_share(
 
 
 async def _open_connections(
-    options: BenchOptions, first: int, count: int, clock: _Clock, result: ShareResult
+    options: BenchOptions,
+    first: int,
+    count: int,
+    clock: _Clock,
+    result: ShareResult,
+    context: ssl.SSLContext | None,
 ) -> list[_Connection]:
     """Open this share's connections all at once; those that fail are counted in
     ``result.errors`` and left out."""
@@ -364,37 +533,108 @@ async def _open_connections(
         partial(_Connection, first + i, options, payloads, clock, result, quotas[i])
         for i in range(count)
     ]
-    await asyncio.gather(*(_open_connection(f, options, result, opened) for f in factories))
+
+    async def open_one(factory: Callable[[], _Connection]) -> None:
+        connection = await _open_connection(factory, options, context, result)
+        if connection is not None:
+            opened.append(connection)  # in the order they complete
+
+    await asyncio.gather(*(open_one(f) for f in factories))
     return opened
 
 
 async def _open_connection(
     factory: Callable[[], _Connection],
     options: BenchOptions,
+    context: ssl.SSLContext | None,
     result: ShareResult,
-    opened: list[_Connection],
-) -> None:
-    """Connect one ``factory()`` within the timeout, timing the connect, and append it to
-    ``opened`` as it completes; a failure is counted in ``result.errors`` instead."""
+) -> _Connection | None:
+    """Connect one ``factory()`` within the timeout (PROXY header and TLS handshake
+    included), timing it; None when it failed, which is counted in ``result.errors``."""
     started = time.perf_counter()
     try:
-        _, protocol = await asyncio.wait_for(
-            asyncio.get_running_loop().create_connection(factory, options.host, options.port),
-            options.timeout,
-        )
-    except (OSError, TimeoutError) as exc:
+        protocol = await asyncio.wait_for(_connect(factory, options, context), options.timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
         result.errors[_error_kind(exc)] += 1
-        return
-    sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+        return None
+    transport = protocol.transport
+    sock = transport.get_extra_info("socket") if transport else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     result.connect_us.append((time.perf_counter() - started) * 1_000_000)
-    opened.append(protocol)
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if isinstance(ssl_object, ssl.SSLObject):
+        result.tls_handshakes += 1
+        if not result.tls:
+            result.tls = tls_.describe_tls(ssl_object)
+    return protocol
 
 
-async def _flush_latencies(
-    connections: list[_Connection], result: ShareResult, progress: Any
-) -> None:
+async def _connect(
+    factory: Callable[[], _Connection], options: BenchOptions, context: ssl.SSLContext | None
+) -> _Connection:
+    """Connect, send the PROXY header on the plain socket when asked, then start TLS over it
+    when asked. Raises OSError (ssl.SSLError for a failed handshake), or ValueError for an
+    address a PROXY header cannot carry."""
+    loop = asyncio.get_running_loop()
+    server_hostname = None
+    if context is not None and options.tls is not None:
+        server_hostname = options.tls.server_name or options.host
+    handshake_timeout = None if context is None else options.timeout
+    if options.send_proxy is None:
+        _, protocol = await loop.create_connection(
+            factory,
+            options.host,
+            options.port,
+            ssl=context,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+        return protocol
+    sock = await _connect_socket(options.host, options.port)
+    try:
+        header = proxy_header(options.send_proxy, sock.getsockname(), sock.getpeername())
+        await loop.sock_sendall(sock, header)
+        _, protocol = await loop.create_connection(
+            factory,
+            sock=sock,
+            ssl=context,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return protocol
+
+
+async def _connect_socket(host: str, port: int) -> socket.socket:
+    """A plain non-blocking TCP socket connected to ``host``, trying each of its addresses in
+    turn. Raises OSError (the last address's), or socket.gaierror."""
+    loop = asyncio.get_running_loop()
+    failure: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        # Or the TLS ClientHello after the header waits for the header's ACK (Nagle), which
+        # the server's delayed ACK holds back for up to 40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise failure
+
+
+async def _flush_latencies(connections: list[_Member], result: ShareResult, progress: Any) -> None:
     """Every half second, move the connections' latencies into ``result`` so ``progress``
     (when given) shows the measured round trips so far."""
     while True:
@@ -405,7 +645,7 @@ async def _flush_latencies(
 
 
 async def _wait_until_finished(
-    connections: list[_Connection], options: BenchOptions, clock: _Clock, result: ShareResult
+    connections: list[_Member], options: BenchOptions, clock: _Clock, result: ShareResult
 ) -> None:
     """Wait for every connection to finish: close the window at ``clock.end``, and give up
     on all of them once nothing has been echoed for a whole timeout."""
@@ -426,7 +666,22 @@ async def _wait_until_finished(
         _, pending = await asyncio.wait(pending, timeout=max(wait, 0.001))
 
 
-def _abort_unfinished(connections: list[_Connection], result: ShareResult) -> None:
+async def _wait_closed(connections: list[_Member], timeout: float) -> None:
+    """Wait until every transport is closed, so that the loop is not closed under one that is
+    still open: over TLS, close() exchanges close_notify with the server first. Those still
+    open after ``timeout`` are aborted."""
+    still_open = [c for member in connections for c in member.open_transports()]
+    if not still_open:
+        return
+    _, late = await asyncio.wait([c.closed for c in still_open], timeout=timeout)
+    if late:
+        for connection in still_open:
+            if not connection.closed.done():
+                connection.abort()
+        await asyncio.wait(late, timeout=timeout)
+
+
+def _abort_unfinished(connections: list[_Member], result: ShareResult) -> None:
     """Abort every connection still waiting for its echo, counting each as a timeout."""
     for connection in connections:
         if not connection.done.done():
@@ -434,14 +689,14 @@ def _abort_unfinished(connections: list[_Connection], result: ShareResult) -> No
             connection.abort()
 
 
-def _close_window(connections: list[_Connection], clock: _Clock) -> None:
+def _close_window(connections: list[_Member], clock: _Clock) -> None:
     """Stop sending: collect what is in flight, then stop (idle connections close now)."""
     clock.stop_sending = True
     for connection in connections:
         connection.close_if_idle()
 
 
-def _collect(connections: list[_Connection], result: ShareResult) -> None:
+def _collect(connections: list[_Member], result: ShareResult) -> None:
     for connection in connections:
         if connection.latencies:
             result.latencies_us.update(connection.latencies)

@@ -16,6 +16,7 @@ from tcpecho.bench.loadgen import (
     ShareResult,
     loop_name,
 )
+from tcpecho.net import format_address
 
 # Bump when a field of the JSON report changes meaning or goes away (adding one does not).
 SCHEMA = "tcpecho.bench/1"
@@ -34,6 +35,9 @@ def merge(results: list[ShareResult]) -> ShareResult:
         merged.connect_us.extend(result.connect_us)
         merged.mismatches.update(result.mismatches)
         merged.errors.update(result.errors)
+        merged.connects += result.connects
+        merged.tls_handshakes += result.tls_handshakes
+        merged.tls = merged.tls or result.tls
     return merged
 
 
@@ -59,7 +63,7 @@ def build(options: BenchOptions, result: ShareResult, hist: Any) -> dict[str, An
     connect = result.connect_us
     return {
         "schema": SCHEMA,
-        "target": f"{options.host}:{options.port}",
+        "target": format_address((options.host, options.port)),
         "options": asdict(options),
         "loop": "open" if options.rate else "closed",
         "generator_loop": loop_name(),
@@ -75,6 +79,10 @@ def build(options: BenchOptions, result: ShareResult, hist: Any) -> dict[str, An
             "mean": round(sum(connect) / len(connect), 1) if connect else None,
             "max": round(max(connect), 1) if connect else None,
         },
+        "connects": result.connects if options.reconnect else None,
+        "connects_per_second": round(result.connects / window, 1) if options.reconnect else None,
+        "tls": result.tls or None,
+        "tls_handshakes": result.tls_handshakes,
         "bytes_verified": result.bytes_verified,
         "mismatches": dict(result.mismatches),
         "errors": dict(result.errors),
@@ -89,10 +97,16 @@ def write_text(report: dict[str, Any], out: TextIO) -> None:
     )
     loop = f"open loop at {options['rate']:,.0f}/s" if options["rate"] else "closed loop"
     lat = report["latency_us"]
+    extras = [
+        "TLS" if options["tls"] else "",
+        f"PROXY {options['send_proxy']}" if options["send_proxy"] else "",
+        "reconnecting after each round trip" if options["reconnect"] else "",
+    ]
+    over = "".join(f", {extra}" for extra in extras if extra)
     lines = [
         f"tcpecho bench {report['target']}: {options['connections']} connections × "
         f"{options['size']} B, pipeline {options['pipeline']}, {loop}, {ending} "
-        f"after {options['warmup']} s warm-up",
+        f"after {options['warmup']} s warm-up{over}",
         f"round trips  {report['round_trips']:,} in {report['duration_s']:.2f} s = "
         f"{report['round_trips_per_s']:,.0f}/s",
         f"throughput   {report['megabytes_per_s']:.2f} MB/s "
@@ -105,9 +119,26 @@ def write_text(report: dict[str, Any], out: TextIO) -> None:
         lines.append(f"latency      {shown}  (from the {report['latency_measured_from']})")
     connect = report["connect_us"]
     if connect["mean"] is not None:
+        opened = (
+            f"{report['connections_opened']:,} connects in all"
+            if options["reconnect"]
+            else f"{report['connections_opened']} of {options['connections']} connected"
+        )
+        handshake = " (TLS handshake included)" if report["tls"] else ""
         lines.append(
-            f"connect      mean {_ms(connect['mean'])}, max {_ms(connect['max'])} "
-            f"({report['connections_opened']} of {options['connections']} connected)"
+            f"connect      mean {_ms(connect['mean'])}, max {_ms(connect['max'])}{handshake} "
+            f"({opened})"
+        )
+    if report["connects_per_second"] is not None:
+        lines.append(
+            f"connects     {report['connects']:,} in {report['duration_s']:.2f} s = "
+            f"{report['connects_per_second']:,.0f}/s, each with one round trip"
+        )
+    if report["tls"]:
+        tls = report["tls"]
+        lines.append(
+            f"tls          {tls['version']} {tls['cipher']}, "
+            f"{report['tls_handshakes']:,} handshakes"
         )
     mismatches = report["mismatches"]
     lines.append(

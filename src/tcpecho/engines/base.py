@@ -305,12 +305,14 @@ class Driver:
     def data_received(self, data: bytes) -> None:
         try:
             out = self.receive(data, monotonic())
+            # Before the commands: an OPEN among them logs the messages held until then, which
+            # are this read's frames too; logging after it would log them twice.
+            if self.log_messages:
+                self.core.messages(self)
             if self.commands:
                 self.send(out)
             elif out:
                 self.write(out)
-            if self.log_messages:
-                self.core.messages(self)
         except OSError:
             raise  # the connection's own end: the engine reports it through `lost`
         except Exception as exc:
