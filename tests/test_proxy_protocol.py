@@ -245,7 +245,7 @@ def test_optional_with_socat_as_a_real_peer_that_sends_no_header(start: Start) -
 
 V2 = encode_proxy_v2(CLIENT, DESTINATION)
 BAD_HEADERS = {
-    "no signature": (b"GET / HTTP/1.0\r\n\r\n", "PROXY: no v1 or v2 signature"),
+    "no signature": (b"GET / HTTP/1.0\r\n\r\n", "no PROXY v1 or v2 signature"),
     "v1 bad address": (
         b"PROXY TCP4 203.0.113.500 198.51.100.1 4000 80\r\n",
         "PROXY v1: bad TCP4 address",

@@ -118,9 +118,9 @@ def test_any_bytes_raise_only_proxy_header_error_and_a_decision_never_changes(
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"GET / HTTP/1.1\r\n", "PROXY: no v1 or v2 signature"),
-        (b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "PROXY: no v1 or v2 signature"),
-        (b"\r\n\r\n\x00\r\nQUIT\r\n", "PROXY: no v1 or v2 signature"),
+        (b"GET / HTTP/1.1\r\n", "no PROXY v1 or v2 signature"),
+        (b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "no PROXY v1 or v2 signature"),
+        (b"\r\n\r\n\x00\r\nQUIT\r\n", "no PROXY v1 or v2 signature"),
         (V2 + b"\x11", "PROXY v2: bad version 0x1"),
         (V2 + b"\xf1", "PROXY v2: bad version 0xf"),
         (V2 + b"\x22", "PROXY v2: unknown command 0x2"),
@@ -396,5 +396,5 @@ def test_starts_like_header_is_false_exactly_when_parse_finds_no_signature(
     start: bytes, tail: bytes
 ) -> None:
     data = start + tail
-    refused = outcome(data) == "PROXY: no v1 or v2 signature"
+    refused = outcome(data) == "no PROXY v1 or v2 signature"
     assert (starts_like_header(data) is False) == refused

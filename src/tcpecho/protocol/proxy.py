@@ -102,7 +102,7 @@ def parse(data: bytes) -> ProxyHeader | None:
         return _parse_v2(data)
     if PROXY_V1_SIGNATURE.startswith(data[: len(PROXY_V1_SIGNATURE)]):
         return _parse_v1(data)
-    raise ProxyHeaderError("PROXY: no v1 or v2 signature")
+    raise ProxyHeaderError("no PROXY v1 or v2 signature")
 
 
 def _parse_v1(data: bytes) -> ProxyHeader | None:
