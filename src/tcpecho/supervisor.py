@@ -23,6 +23,7 @@ from tcpecho.errors import TcpEchoError, WorkersFailing
 from tcpecho.events import Stopped
 from tcpecho.log import EventLog
 from tcpecho.net import Address, format_address
+from tcpecho.systemd import Notifier
 
 logger = logging.getLogger("tcpecho.server")
 
@@ -42,16 +43,19 @@ def serve(config: ServerConfig) -> Summary:
 
     The first signal stops accepting and drains; a second one closes every connection at
     once. With ``config.workers`` > 1 this process supervises that many worker processes
-    instead. Raises `HostNotFound` or a `BindError` when the server cannot listen.
+    instead. With ``config.notify_socket`` it tells systemd READY=1 once listening (after the
+    banner) and STOPPING=1 when a stop begins. Raises `HostNotFound` or a `BindError` when the
+    server cannot listen, `InheritedSocketError` when a socket systemd passed is unusable.
     """
+    notifier = Notifier(config.notify_socket)
     if config.workers > 1:
-        return _serve_workers(config)
+        return _serve_workers(config, notifier)
     engine = create_engine(config)
     addresses = engine.start()
     # The handlers go in before the banner: a stop that comes as soon as the banner is out
     # (a script, a supervisor) must drain, not kill. The engine keeps a stop made before serve.
-    with stop_on_signals(engine.stop):
-        _log_banner(addresses)
+    with stop_on_signals(_announced(engine.stop, notifier)):
+        _log_banner(addresses, config)
         logger.info(
             "engine %s, %s framing, %s replies, up to %d connections",
             engine.description,
@@ -60,16 +64,39 @@ def serve(config: ServerConfig) -> Summary:
             config.max_connections,
             extra={"tag": "ENGINE", "fields": {"engine": engine.description}},
         )
+        notifier.ready(addresses)
         return engine.serve()  # it logs its own summary
 
 
-def _log_banner(addresses: list[Address]) -> None:
+def _log_banner(addresses: list[Address], config: ServerConfig) -> None:
     listening = ", ".join(format_address(address) for address in addresses)
     logger.info(
         "Listening on %s",
         listening,
         extra={"tag": "SERVER STARTING", "fields": {"addresses": [list(a) for a in addresses]}},
     )
+    if config.listen_fds:
+        fds = ", ".join(str(fd) for fd in config.listen_fds)
+        logger.info(
+            "socket activation: serving on the sockets passed as descriptors %s; --host, "
+            "--port and --backlog are not used",
+            fds,
+            extra={
+                "tag": "SYSTEMD",
+                "event": "socket_activation",
+                "fields": {"fds": list(config.listen_fds)},
+            },
+        )
+
+
+def _announced(stop: Callable[..., None], notifier: Notifier) -> Callable[..., None]:
+    """``stop``, which then tells systemd STOPPING=1 (the first time)."""
+
+    def stop_and_announce(force: bool = False) -> None:
+        stop(force=force)
+        notifier.stopping()
+
+    return stop_and_announce
 
 
 @contextmanager
@@ -97,26 +124,34 @@ def stop_on_signals(stop: Callable[..., None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _serve_workers(config: ServerConfig) -> Summary:
-    """Listen here, then fork ``config.workers`` processes that accept on these sockets.
+def _serve_workers(config: ServerConfig, notifier: Notifier) -> Summary:
+    """Listen here (or take systemd's sockets), then fork ``config.workers`` processes that
+    accept on these sockets.
 
     The workers inherit the listening sockets, so the accept queue belongs to this process and
     outlives any worker: connections waiting in it when a worker dies are accepted by another.
     This process prints the banner once, restarts a worker that dies, forwards SIGINT/SIGTERM
     to the workers as SIGTERM (the first makes them drain, the second stop at once), and logs
-    the sum of the summaries they report. Raises `HostNotFound` or a `BindError` when it cannot
-    listen, `WorkersFailing` when workers keep dying as soon as they start.
+    the sum of the summaries they report. It alone talks to systemd: READY=1 once every worker
+    is started (each accepts as soon as it is up, and a connection made before then waits in
+    this process's accept queue, not refused), STOPPING=1 when a stop begins.
+    Raises `HostNotFound` or a `BindError` when it cannot listen, `InheritedSocketError`
+    when a socket systemd passed is unusable, `WorkersFailing` when workers keep dying as soon
+    as they start.
     """
-    listeners = net.open_listeners(config.host, config.port, config.backlog)
+    listeners = net.listening_sockets(config)
     try:
         fds = tuple(sock.fileno() for sock in listeners)
-        worker_config = dataclasses.replace(config, workers=1, listen_fds=fds)
+        worker_config = dataclasses.replace(config, workers=1, listen_fds=fds, notify_socket="")
         create_engine(worker_config)  # a bad choice (say, --loop uvloop without uvloop) fails here
         workers = _Workers(worker_config, listeners)
         addresses = [sock.getsockname()[:2] for sock in listeners]
-        with stop_on_signals(workers.stop):  # before the banner, as in serve()
-            _log_banner(addresses)
-            total = workers.run(config.workers)
+        # The handlers go in before the banner, as in serve().
+        with stop_on_signals(_announced(workers.stop, notifier)):
+            _log_banner(addresses, config)
+            total = workers.run(
+                config.workers, started=lambda: notifier.ready(addresses, config.workers)
+            )
     finally:
         for sock in listeners:
             sock.close()
@@ -144,10 +179,12 @@ class _Workers:
         self.quick_deaths = 0
         self.total = Summary()
 
-    def run(self, count: int) -> Summary:
-        """Serve with ``count`` workers until they have all stopped; return their total."""
+    def run(self, count: int, started: Callable[[], None] = lambda: None) -> Summary:
+        """Serve with ``count`` workers until they have all stopped; return their total.
+        ``started`` is called once all are started."""
         for number in range(1, count + 1):
             self.spawn(number)
+        started()
         while self.running:
             pid, status = os.wait()
             self.reap(self.running.pop(pid), status)
@@ -161,7 +198,11 @@ class _Workers:
         for sock in self.listeners:
             sock.close()
         for pid in self.running:
-            os.kill(pid, signal.SIGTERM)
+            # A worker that os.wait() has just reaped is still in `running` when the signal
+            # interrupts run() before its pop; and one may already have ended on a SIGTERM of
+            # its own (systemd's default KillMode signals every process of the unit).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def spawn(self, number: int) -> None:
         # Signals wait until the new worker is in `running`, so that stop() reaches it.
