@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tcpecho.config import ServerConfig
+from tcpecho.config import ServerConfig, forget_systemd
 from tcpecho.testing import RunningServer, running_server
 from tests.helpers import ENGINE_VARIANTS, ServerFactory, engine_options, require_variant
 
@@ -25,9 +25,11 @@ settings.load_profile("tcpecho")
 
 def pytest_configure(config: pytest.Config) -> None:
     """The servers under test, in this process and in the ones it starts, see no TCPECHO_*
-    variable from the shell that runs the tests: they would change every default."""
+    variable from the shell that runs the tests (they would change every default), and none of
+    systemd's (a test run started by a service manager would have them report to it)."""
     for name in [name for name in os.environ if name.startswith("TCPECHO_")]:
         del os.environ[name]
+    forget_systemd(os.environ)
 
 
 @pytest.fixture(params=list(ENGINE_VARIANTS))

@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -110,7 +110,8 @@ class ServerProcess(AbstractContextManager["ServerProcess"]):
     """``python3 tcp_server.py ARGS`` as a child process, its output read line by line.
 
     ``launcher`` runs it, such as ``ip netns exec NS``; it must exec the server (not fork it), so
-    that ``proc`` is the server itself and killing it leaves nothing behind.
+    that ``proc`` is the server itself and killing it leaves nothing behind. ``env``: variables
+    to set, beside this process's.
     """
 
     def __init__(
@@ -119,12 +120,14 @@ class ServerProcess(AbstractContextManager["ServerProcess"]):
         python: str = sys.executable,
         script: str = "tcp_server.py",
         launcher: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.proc = subprocess.Popen(
             [*launcher, python, "-u", str(ROOT / script), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=None if env is None else {**os.environ, **env},
         )
         self.lines: list[str] = []
 

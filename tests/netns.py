@@ -248,6 +248,34 @@ def add_veth(ip: str, *ends: tuple[str, str, str]) -> None:
         _must(ip, "-n", namespace, "link", "set", device, "up")
 
 
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace with only its loopback, up: a private 127.0.0.1 whose ports no other
+    test or program uses, so that a test may listen on a fixed port."""
+
+    ip: str
+    name: str
+
+    def exec_in(self) -> list[str]:
+        """The command prefix that runs a program in the namespace (``ip netns exec`` execs
+        it, so the process started is the program itself)."""
+        return [self.ip, "netns", "exec", self.name]
+
+    def connect(self, address: tuple[str, int], timeout: float) -> socket.socket:
+        """A TCP connection to ``address`` made from inside the namespace, in this process."""
+        return connect_in(self.name, address, timeout)
+
+
+@contextmanager
+def loopback_namespace() -> Iterator[Namespace]:
+    """A new namespace with its loopback up; deleted on the way out, with every process in it
+    killed."""
+    name = f"tcpecho-{secrets.token_hex(4)}-lo"
+    with new_namespaces(name) as ip:
+        _must(ip, "-n", name, "link", "set", "lo", "up")
+        yield Namespace(ip, name)
+
+
 @contextmanager
 def veth_link() -> Iterator[Link]:
     """Two new namespaces joined by a veth pair, addressed and up; deleted on the way out."""

@@ -24,7 +24,7 @@ from tcpecho.cli import main
 from tcpecho.config import OPTIONS, Option, ServerConfig
 from tests.helpers import ROOT, ServerProcess, connect, recv_exactly
 
-INTERNAL_FIELDS = {"worker", "listen_fds"}
+INTERNAL_FIELDS = {"worker", "listen_fds", "notify_socket"}
 # Option values that must be of a particular form, for the options that need one.
 NETWORK_SAMPLES: dict[str, tuple[str, ...]] = {
     "allow": ("192.0.2.0/24", "2001:db8::/32"),

@@ -20,6 +20,7 @@ from tcpecho.errors import (
     ConfigError,
     ConnectionRefused,
     HostNotFound,
+    InheritedSocketError,
     TcpEchoError,
 )
 
@@ -35,6 +36,8 @@ _HINTS: dict[type[TcpEchoError], str] = {
     AddressNotAvailable: "Is that an address of this machine? "
     "--host 0.0.0.0 listens on every interface.",
     HostNotFound: "Check the name given to --host.",
+    InheritedSocketError: "tcpecho serves TCP only: in the socket unit, use ListenStream= "
+    "with an IP address and port.",
 }
 
 
@@ -318,6 +321,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if (value := getattr(args, option.name, None)) is not None
     }
     resolved = config.resolve(given, os.environ, args.config)
+    config.forget_systemd(os.environ)
     if args.print_config:
         sys.stdout.write(config.to_toml(resolved))
         return EXIT_OK

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -73,13 +74,20 @@ FROM_DEFAULT = "default"
 FROM_COMMAND_LINE = "command line"
 ENVIRONMENT = "the environment"
 
+# What systemd (or anything speaking its protocols) passes a service in the environment:
+# listening sockets (sd_listen_fds(3): LISTEN_FDS descriptors from 3 on, meant for the process
+# LISTEN_PID, named by LISTEN_FDNAMES) and where to report readiness (sd_notify(3)).
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: descriptors 0 to 2 are stdin, stdout and stderr
+SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything a server needs to run. Raises `ConfigError` when a value is out of range.
 
-    Each field but ``worker`` and ``listen_fds`` is an option of ``tcpecho serve``, declared
-    in `OPTIONS`. Built directly (a library, a test) it reads no file and no environment.
+    Each field but ``worker``, ``listen_fds`` and ``notify_socket`` is an option of ``tcpecho
+    serve``, declared in `OPTIONS`. Built directly (a library, a test) it reads no file and no
+    environment.
     """
 
     host: tuple[str, ...] = (DEFAULT_HOST,)
@@ -109,10 +117,13 @@ class ServerConfig:
     workers: int = 1
     # Set by the supervisor for its worker processes: the worker's number (0: no workers).
     worker: int = 0
-    # Listen on these already-listening sockets instead of binding host and port: the
-    # supervisor's, inherited by its workers across fork, so that the accept queue outlives
-    # any worker (systemd's socket activation can pass its descriptors the same way).
+    # Listen on these already-listening sockets instead of binding host and port: those
+    # systemd passed (socket activation, `read_systemd`), or the supervisor's, inherited by its
+    # workers across fork, so that the accept queue outlives any worker.
     listen_fds: tuple[int, ...] = ()
+    # Where to send sd_notify's READY=1 and STOPPING=1 (NOTIFY_SOCKET: a path, or @ and an
+    # abstract name); "" sends nothing.
+    notify_socket: str = ""
     log_level: LogLevel = "info"
     log_format: LogFormat = "console"
     quiet: bool = False
@@ -622,17 +633,23 @@ class ResolvedConfig:
 
 
 def resolve(
-    command_line: Mapping[str, Any], environ: Mapping[str, str], config_file: str | None = None
+    command_line: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+    *,
+    pid: int | None = None,
 ) -> ResolvedConfig:
     """Merge every source: the command line over the environment over the file over defaults.
 
     ``command_line`` holds the options given on the command line, by field name, already of
     their types; ``config_file`` is --config (None: the file ``TCPECHO_CONFIG`` names, if
-    any). Every value given is checked, even one that a higher source overrides. Raises
-    `ConfigError` naming the option and its source, `ConfigFileError`.
+    any). Every value given is checked, even one that a higher source overrides. The sockets
+    and notification socket systemd passes in ``environ`` are read too (`read_systemd`, for
+    the process ``pid``, default this one). Raises `ConfigError` naming the option and its
+    source, `ConfigFileError`.
     """
     path = config_file if config_file is not None else environ.get(CONFIG_FILE_ENV) or None
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = read_systemd(environ, os.getpid() if pid is None else pid)
     sources = {option.name: FROM_DEFAULT for option in OPTIONS}
     if path is not None:
         for name, value in read_file(path).items():
@@ -704,6 +721,47 @@ def read_environ(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
     return values
 
 
+def read_systemd(environ: Mapping[str, str], pid: int) -> dict[str, Any]:
+    """The `ServerConfig` fields that systemd's variables set: ``listen_fds`` from LISTEN_FDS
+    (as sd_listen_fds(3) reads it: only when LISTEN_PID is ``pid``, for sockets passed to a
+    parent are not this process's) and ``notify_socket`` from NOTIFY_SOCKET.
+
+    The descriptors are not looked at here (`net.listening_sockets` checks each is a listening
+    TCP socket); LISTEN_FDNAMES is not needed, since every socket passed is served. Raises
+    `ConfigError` naming the variable, for a value that is no number or no unix socket.
+    """
+    values: dict[str, Any] = {}
+    if (listen_pid := environ.get("LISTEN_PID", "")) and _systemd_number(
+        "LISTEN_PID", listen_pid
+    ) == pid:
+        count = _systemd_number("LISTEN_FDS", environ.get("LISTEN_FDS", ""))
+        # More than the process may have open is no count systemd would pass.
+        if count > os.sysconf("SC_OPEN_MAX"):
+            reason = "more descriptors than a process may have open"
+            raise ConfigError("LISTEN_FDS", str(count), reason, ENVIRONMENT)
+        if count:
+            values["listen_fds"] = tuple(range(LISTEN_FDS_START, LISTEN_FDS_START + count))
+    if notify_socket := environ.get("NOTIFY_SOCKET", ""):
+        if not notify_socket.startswith(("/", "@")):
+            reason = "tcpecho notifies a unix socket only: a path, or @ and an abstract name"
+            raise ConfigError("NOTIFY_SOCKET", notify_socket, reason, ENVIRONMENT)
+        values["notify_socket"] = notify_socket
+    return values
+
+
+def forget_systemd(environ: MutableMapping[str, str]) -> None:
+    """Unset systemd's variables once read, as sd_listen_fds(3) and sd_notify(3) do when asked:
+    they are for this process, not for any program it might run."""
+    for var in SYSTEMD_VARIABLES:
+        environ.pop(var, None)
+
+
+def _systemd_number(var: str, text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ConfigError(var, text, "must be a non-negative integer", ENVIRONMENT)
+    return int(text)
+
+
 def _no_such_option(name: str, known: Mapping[str, Option], hint: str = "") -> str:
     reason = "tcpecho serve has no such option"
     close = difflib.get_close_matches(name, list(known), n=1)
@@ -741,6 +799,15 @@ def to_toml(resolved: ResolvedConfig) -> str:
             lines.append(f"# {option.key} is not set  # from: {source}")
         else:
             lines.append(f"{option.key} = {toml_value(value)}  # from: {source}")
+    if resolved.config.listen_fds:
+        fds = ", ".join(str(fd) for fd in resolved.config.listen_fds)
+        lines.append(
+            f"# Socket activation: serving on descriptors {fds} from systemd (LISTEN_FDS); "
+            "host, port and backlog are not used."
+        )
+    if resolved.config.notify_socket:
+        where = _comment_text(resolved.config.notify_socket)
+        lines.append(f"# Readiness is reported to systemd at {where} (NOTIFY_SOCKET).")
     return "\n".join(lines) + "\n"
 
 

@@ -91,6 +91,21 @@ class AddressNotAvailable(BindError):
     exit_code = 5
 
 
+class InheritedSocketError(TcpEchoError):
+    """A descriptor passed to serve on (systemd's socket activation: LISTEN_FDS) is not a
+    listening TCP socket; ``reason`` says what it is instead."""
+
+    exit_code = 2
+
+    def __init__(self, fd: int, reason: str) -> None:
+        super().__init__(fd, reason)
+        self.fd = fd
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot serve on descriptor {self.fd} (LISTEN_FDS): {self.reason}"
+
+
 class ConnectFailed(TcpEchoError):
     """The client could not reach the server at ``address``."""
 

@@ -16,6 +16,7 @@ from tcpecho.errors import (
     BindError,
     BindPermissionDenied,
     HostNotFound,
+    InheritedSocketError,
 )
 
 Address = tuple[str, int]
@@ -43,28 +44,58 @@ def format_address(address: tuple[object, ...]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
 def listening_sockets(config: ServerConfig) -> list[socket.socket]:
     """The sockets a server accepts on, listening and non-blocking: ``config.listen_fds``
-    wrapped when given (they are listening already), else bound to host and port.
+    wrapped when given (they are listening already: systemd's, or the supervisor's), else
+    bound to host and port.
 
-    Raises `HostNotFound` or a `BindError` when binding fails. The caller closes the sockets
-    (closing a wrapped one closes that descriptor in this process only).
+    Raises `HostNotFound` or a `BindError` when binding fails, `InheritedSocketError` when a
+    descriptor given is no listening TCP socket. The caller closes the sockets (closing a
+    wrapped one closes that descriptor in this process only).
     """
     if not config.listen_fds:
         return open_listeners(config.host, config.port, config.backlog)
     listeners: list[socket.socket] = []
     try:
         for fd in config.listen_fds:
-            sock = socket.socket(fileno=fd)  # family and type are read from the descriptor
-            listeners.append(sock)
-            # Shared with every process that holds the descriptor; accepting must not block
-            # when another process took the connection first.
-            sock.setblocking(False)
+            listeners.append(_inherited(fd))
     except BaseException:
         for sock in listeners:
             sock.close()
         raise
     return listeners
+
+
+def _inherited(fd: int) -> socket.socket:
+    """``fd`` as a socket object, non-blocking, once it is known to be a listening TCP socket.
+    On error ``fd`` is left open (it was never this function's to close)."""
+    try:
+        # Family and type are read from the descriptor.
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        what = "not a socket" if exc.errno == errno.ENOTSOCK else exc.strerror or str(exc)
+        raise InheritedSocketError(fd, what) from None
+    try:
+        if sock.family not in _TCP_FAMILIES or sock.type != socket.SOCK_STREAM:
+            family, kind = _name(sock.family, "AF_"), _name(sock.type, "SOCK_")
+            raise InheritedSocketError(fd, f"not a TCP socket ({family}, {kind})")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise InheritedSocketError(fd, "a TCP socket that is not listening")
+        # Shared with every process that holds the descriptor; accepting must not block
+        # when another process took the connection first.
+        sock.setblocking(False)
+    except BaseException:
+        sock.detach()
+        raise
+    return sock
+
+
+def _name(value: int, prefix: str) -> str:
+    """``socket.AF_UNIX`` as "AF_UNIX"; a number no constant names, as itself."""
+    return getattr(value, "name", None) or f"{prefix}{int(value)}"
 
 
 def open_listeners(hosts: Sequence[str], port: int, backlog: int) -> list[socket.socket]:

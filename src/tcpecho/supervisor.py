@@ -24,6 +24,7 @@ from tcpecho.errors import TcpEchoError, WorkersFailing
 from tcpecho.events import Stopped
 from tcpecho.log import EventLog
 from tcpecho.net import Address, format_address
+from tcpecho.systemd import Notifier
 
 if TYPE_CHECKING:
     from tcpecho.metrics import Exporter
@@ -46,15 +47,18 @@ def serve(config: ServerConfig) -> Summary:
 
     The first signal stops accepting and drains; a second one closes every connection at
     once. With ``config.workers`` > 1 this process supervises that many worker processes
-    instead. Raises `HostNotFound` or a `BindError` when the server cannot listen.
-    With ``config.metrics``, /metrics, /healthz and /readyz are served on that address, in
-    threads of this process, from before the server listens until it has stopped.
-    Raises `MissingExtra` when prometheus_client is missing.
+    instead. With ``config.notify_socket`` it tells systemd READY=1 once listening (after the
+    banner) and STOPPING=1 when a stop begins. With ``config.metrics``, /metrics, /healthz and
+    /readyz are served on that address, in threads of this process, from before the server
+    listens until it has stopped. Raises `HostNotFound` or a `BindError` when the server
+    cannot listen, `InheritedSocketError` when a socket systemd passed is unusable,
+    `MissingExtra` when --metrics is given without prometheus_client.
     """
+    notifier = Notifier(config.notify_socket)
     with _metrics(config, config.workers) as exporter:
         if config.workers > 1:
-            return _serve_workers(config, exporter)
-        return _serve_one(config, exporter)
+            return _serve_workers(config, notifier, exporter)
+        return _serve_one(config, notifier, exporter)
 
 
 @contextmanager
@@ -73,15 +77,15 @@ def _metrics(config: ServerConfig, slots: int) -> Iterator[Exporter | None]:
         exporter.close()
 
 
-def _serve_one(config: ServerConfig, exporter: Exporter | None) -> Summary:
+def _serve_one(config: ServerConfig, notifier: Notifier, exporter: Exporter | None) -> Summary:
     engine = create_engine(config, [] if exporter is None else [exporter.recorder()])
     addresses = engine.start()
     if exporter is not None:
         exporter.health.listening()
     # The handlers go in before the banner: a stop that comes as soon as the banner is out
     # (a script, a supervisor) must drain, not kill. The engine keeps a stop made before serve.
-    with stop_on_signals(engine.stop):
-        _log_banner(addresses)
+    with stop_on_signals(_announced(engine.stop, notifier)):
+        _log_banner(addresses, config)
         if exporter is not None:
             exporter.log_listening()
         logger.info(
@@ -96,10 +100,11 @@ def _serve_one(config: ServerConfig, exporter: Exporter | None) -> Summary:
                 "fields": {"engine": engine.description},
             },
         )
+        notifier.ready(addresses)
         return engine.serve()  # it logs its own summary
 
 
-def _log_banner(addresses: list[Address]) -> None:
+def _log_banner(addresses: list[Address], config: ServerConfig) -> None:
     listening = ", ".join(format_address(address) for address in addresses)
     logger.info(
         "Listening on %s",
@@ -110,6 +115,28 @@ def _log_banner(addresses: list[Address]) -> None:
             "fields": {"addresses": [list(a) for a in addresses]},
         },
     )
+    if config.listen_fds:
+        fds = ", ".join(str(fd) for fd in config.listen_fds)
+        logger.info(
+            "socket activation: serving on the sockets passed as descriptors %s; --host, "
+            "--port and --backlog are not used",
+            fds,
+            extra={
+                "tag": "SYSTEMD",
+                "event": "socket_activation",
+                "fields": {"fds": list(config.listen_fds)},
+            },
+        )
+
+
+def _announced(stop: Callable[..., None], notifier: Notifier) -> Callable[..., None]:
+    """``stop``, which then tells systemd STOPPING=1 (the first time)."""
+
+    def stop_and_announce(force: bool = False) -> None:
+        stop(force=force)
+        notifier.stopping()
+
+    return stop_and_announce
 
 
 @contextmanager
@@ -137,33 +164,41 @@ def stop_on_signals(stop: Callable[..., None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _serve_workers(config: ServerConfig, exporter: Exporter | None) -> Summary:
-    """Listen here, then fork ``config.workers`` processes that accept on these sockets.
+def _serve_workers(config: ServerConfig, notifier: Notifier, exporter: Exporter | None) -> Summary:
+    """Listen here (or take systemd's sockets), then fork ``config.workers`` processes that
+    accept on these sockets.
 
     The workers inherit the listening sockets, so the accept queue belongs to this process and
     outlives any worker: connections waiting in it when a worker dies are accepted by another.
     This process prints the banner once, restarts a worker that dies, forwards SIGINT/SIGTERM
     to the workers as SIGTERM (the first makes them drain, the second stop at once), and logs
-    the sum of the summaries they report. Raises `HostNotFound` or a `BindError` when it cannot
-    listen, `WorkersFailing` when workers keep dying as soon as they start.
+    the sum of the summaries they report. It alone talks to systemd: READY=1 once every worker
+    is started (each accepts as soon as it is up, and a connection made before then waits in
+    this process's accept queue, not refused), STOPPING=1 when a stop begins.
+    Raises `HostNotFound` or a `BindError` when it cannot listen, `InheritedSocketError`
+    when a socket systemd passed is unusable, `WorkersFailing` when workers keep dying as soon
+    as they start.
 
     ``exporter``: the metrics, served here; worker N counts into its slot N - 1, and /readyz
     turns 503 as this process forwards the stop.
     """
-    listeners = net.open_listeners(config.host, config.port, config.backlog)
+    listeners = net.listening_sockets(config)
     try:
         fds = tuple(sock.fileno() for sock in listeners)
-        worker_config = dataclasses.replace(config, workers=1, listen_fds=fds)
+        worker_config = dataclasses.replace(config, workers=1, listen_fds=fds, notify_socket="")
         create_engine(worker_config)  # a bad choice (say, --loop uvloop without uvloop) fails here
         workers = _Workers(worker_config, listeners, exporter)
         addresses = [sock.getsockname()[:2] for sock in listeners]
         if exporter is not None:
             exporter.health.listening()  # connections queue on these until a worker accepts
-        with stop_on_signals(workers.stop):  # before the banner, as in serve()
-            _log_banner(addresses)
+        # The handlers go in before the banner, as in serve().
+        with stop_on_signals(_announced(workers.stop, notifier)):
+            _log_banner(addresses, config)
             if exporter is not None:
                 exporter.log_listening()
-            total = workers.run(config.workers)
+            total = workers.run(
+                config.workers, started=lambda: notifier.ready(addresses, config.workers)
+            )
     finally:
         for sock in listeners:
             sock.close()
@@ -194,10 +229,12 @@ class _Workers:
         self.quick_deaths = 0
         self.total = Summary()
 
-    def run(self, count: int) -> Summary:
-        """Serve with ``count`` workers until they have all stopped; return their total."""
+    def run(self, count: int, started: Callable[[], None] = lambda: None) -> Summary:
+        """Serve with ``count`` workers until they have all stopped; return their total.
+        ``started`` is called once all are started."""
         for number in range(1, count + 1):
             self.spawn(number)
+        started()
         while self.running:
             pid, status = os.wait()
             self.reap(self.running.pop(pid), status)
@@ -213,7 +250,11 @@ class _Workers:
         for sock in self.listeners:
             sock.close()
         for pid in self.running:
-            os.kill(pid, signal.SIGTERM)
+            # A worker that os.wait() has just reaped is still in `running` when the signal
+            # interrupts run() before its pop; and one may already have ended on a SIGTERM of
+            # its own (systemd's default KillMode signals every process of the unit).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def spawn(self, number: int) -> None:
         # Signals wait until the new worker is in `running`, so that stop() reaches it.
