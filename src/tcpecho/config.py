@@ -23,6 +23,7 @@ from tcpecho.errors import ConfigError, ConfigFileError, UnknownOption
 from tcpecho.protocol import (
     DEFAULT_CONFIRM_PREFIX,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_IPV6_PREFIX,
     DEFAULT_LINE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PER_ADDRESS,
@@ -102,6 +103,7 @@ class ServerConfig:
     backlog: int = DEFAULT_BACKLOG
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -501,6 +503,16 @@ OPTIONS: tuple[Option, ...] = (
         at_least=0,
         details="(with `ERROR too many connections from your address`); raise it for a load "
         "test from one host, or behind a proxy that does not send the PROXY protocol",
+    ),
+    Option(
+        "ipv6_prefix",
+        "limits",
+        "--max-per-address counts IPv6 clients per network of this prefix length; 128: per address",
+        metavar="BITS",
+        at_least=1,
+        at_most=128,
+        details="(a host usually has a whole /64: counted per address, one host could take "
+        "256 places from each of its addresses)",
     ),
     Option(
         "allow",

@@ -114,3 +114,16 @@ def test_permits_is_deny_first_then_allow_if_any(
         int(n.network_address) <= int(address) <= int(n.broadcast_address) for n in allow
     )
     assert access.permits(address) == (not in_deny and (not allow or in_allow))
+
+
+def test_ipv6_clients_are_counted_per_64_by_default_and_per_address_at_128() -> None:
+    per_64 = Admission(max_connections=10, max_per_address=1)
+    assert per_64.admit("2001:db8:1:2::1") is None
+    assert per_64.admit("2001:db8:1:2::ffff") is CloseReason.REFUSED_PER_ADDRESS
+    assert per_64.admit("2001:db8:1:3::1") is None  # another /64
+    per_64.release("2001:db8:1:2::1")
+    assert per_64.admit("2001:db8:1:2::ffff") is None
+    per_address = Admission(max_connections=10, max_per_address=1, ipv6_prefix=128)
+    assert per_address.admit("2001:db8:1:2::1") is None
+    assert per_address.admit("2001:db8:1:2::ffff") is None
+    assert per_address.admit("2001:db8:1:2::1") is CloseReason.REFUSED_PER_ADDRESS

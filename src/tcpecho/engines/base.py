@@ -121,6 +121,7 @@ class EngineCore(Generic[DriverT]):
             config.max_per_address,
             config.access_list(),
             config.trusted_proxies(),
+            config.ipv6_prefix,
         )
         self.proxy_mode = config.proxy_protocol
         self.server_id = socket.gethostname()  # for --greeting info

@@ -10,6 +10,7 @@ Nothing in this package imports socket, ssl, asyncio, threading or logging, nor 
 from __future__ import annotations
 
 from tcpecho.protocol.admission import (
+    DEFAULT_IPV6_PREFIX,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PER_ADDRESS,
     AccessList,
@@ -52,6 +53,7 @@ __all__ = [
     "BUSY_REPLY",
     "DEFAULT_CONFIRM_PREFIX",
     "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_IPV6_PREFIX",
     "DEFAULT_LINE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_PER_ADDRESS",

@@ -23,6 +23,10 @@ DEFAULT_MAX_CONNECTIONS = 1024
 # of --max-connections from everyone else. Generous for people and for NAT; a load test from one
 # host, or a proxy that does not send the PROXY protocol, needs it raised (0: no limit).
 DEFAULT_MAX_PER_ADDRESS = 256
+# An IPv6 host usually has a whole /64 to itself (one per home or per VM): counted address by
+# address, one client could take 256 places from each of its 2^64 addresses. So IPv6 clients
+# are counted per /64 network by default (128: per address).
+DEFAULT_IPV6_PREFIX = 64
 
 
 def parse_network(text: str) -> Network:
@@ -72,11 +76,13 @@ class Admission:
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         access: AccessList | None = None,
         trusted_proxies: tuple[Network, ...] = (),
+        ipv6_prefix: int = DEFAULT_IPV6_PREFIX,
     ) -> None:
         self.max_connections = max_connections
         self.max_per_address = max_per_address
         self.access = access or AccessList()
         self.trusted_proxies = trusted_proxies
+        self.ipv6_prefix = ipv6_prefix
         self.active = 0
         self._per_address: Counter[str] = Counter()
 
@@ -117,8 +123,17 @@ class Admission:
             return CloseReason.REFUSED_DENIED
         return self._count(host, address)
 
+    def _key(self, host: str, address: IPAddress | None) -> str:
+        """What the per-address limit counts a client under: its IPv4 address, its IPv6
+        network (``ipv6_prefix``), or the host string when it is no IP address."""
+        if address is None:
+            return host
+        if isinstance(address, ipaddress.IPv6Address) and self.ipv6_prefix < 128:
+            return str(ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False))
+        return str(address)
+
     def _count(self, host: str, address: IPAddress | None) -> CloseReason | None:
-        key = str(address) if address is not None else host
+        key = self._key(host, address)
         if self.max_per_address and self._per_address[key] >= self.max_per_address:
             return CloseReason.REFUSED_PER_ADDRESS
         self._per_address[key] += 1
@@ -131,11 +146,10 @@ class Admission:
         if host is None:
             return
         address = client_address(host)
-        key = str(address) if address is not None else host
+        key = self._key(host, address)
         self._per_address[key] -= 1
         if self._per_address[key] <= 0:
             del self._per_address[key]
 
     def connections_from(self, host: str) -> int:
-        address = client_address(host)
-        return self._per_address[str(address) if address is not None else host]
+        return self._per_address[self._key(host, client_address(host))]
