@@ -5,12 +5,14 @@ the same scenarios; runs are interleaved (A B C … A B C …) and repeated, and
 medians with min–max of round trips/s, of the server's CPU time per round trip, and each
 server's ratio to the C server. ``--before PATH`` adds every tcpecho variant as served by
 another checkout (its own ``tcp_server.py``), run beside this one's, and a table of the
-after ÷ before ratios. Run it with ``scripts/compare`` (which installs what it needs) or, in
-an environment with tcpecho[bench]:
+after ÷ before ratios. ``--metrics`` adds every tcpecho variant with ``--metrics
+127.0.0.1:0`` too, run beside the same variant without, and a table of the on ÷ off ratios
+(what the Prometheus counters cost the echo path). Run it with ``scripts/compare`` (which
+installs what it needs) or, in an environment with tcpecho[bench]:
 
     python benchmarks/compare.py [--duration 3] [--warmup 1] [--repeats 2]
                                  [--only NAME,...] [--scenarios 1x64,50x64x8,...]
-                                 [--before PATH] [--json results.json]
+                                 [--before PATH] [--metrics] [--json results.json]
                                  [--markdown table.md] [--chart ratios.png]
 """
 
@@ -57,6 +59,7 @@ SCENARIOS: list[Scenario] = [
 ]
 
 BEFORE = "before: "  # the prefix of the servers run from the --before checkout
+METRICS = " +metrics"  # the suffix of the servers run with --metrics
 # Each tcpecho engine and the minimal peer of its family, for the CPU-per-round-trip ratios.
 REFERENCES = [
     ("tcpecho threads", "socketserver"),
@@ -72,7 +75,7 @@ class Server:
     pinned: bool = True  # False: may use every CPU (reported apart)
 
 
-def servers(c_binary: Path | None, before: Path | None) -> list[Server]:
+def servers(c_binary: Path | None, before: Path | None, metrics: bool = False) -> list[Server]:
     py = sys.executable
     where = ["--host", "127.0.0.1", "--port", "0"]
     common = [*where, "-q", "--max-connections", "10000"]
@@ -80,6 +83,10 @@ def servers(c_binary: Path | None, before: Path | None) -> list[Server]:
     def tcpecho(name: str, flags: list[str], pinned: bool = True) -> list[Server]:
         # The before variant comes right after its after, so the two run side by side.
         found = [Server(name, [py, str(ROOT / "tcp_server.py"), *common, *flags], pinned)]
+        if metrics:
+            command = [py, str(ROOT / "tcp_server.py"), *common, *flags]
+            command += ["--metrics", "127.0.0.1:0"]
+            found.append(Server(name + METRICS, command, pinned))
         if before is not None:
             command = [py, str(before / "tcp_server.py"), *common, *flags]
             found.append(Server(BEFORE + name, command, pinned))
@@ -286,6 +293,11 @@ def ratio_pairs(names: list[str]) -> list[tuple[str, str, str]]:
     pairs = [
         (f"{name}: after ÷ before", name, BEFORE + name) for name in names if BEFORE + name in names
     ]
+    pairs += [
+        (f"{name}: metrics on ÷ off", name + METRICS, name)
+        for name in names
+        if name + METRICS in names
+    ]
     for engine, peer in REFERENCES:
         for side in (engine, BEFORE + engine):
             if side in names and peer in names:
@@ -472,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="another checkout (its own tcp_server.py): run every tcpecho variant from it too",
     )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="run every tcpecho variant with --metrics too, beside the same one without",
+    )
     parser.add_argument("--json", help="write the summary, the ratios and every sample here")
     parser.add_argument("--markdown", help="write the tables here")
     parser.add_argument("--chart", help="write a PNG chart of the ratios to C here")
@@ -491,7 +508,8 @@ def main() -> int:
     scenarios: list[Scenario] = args.scenarios or SCENARIOS
     with tempfile.TemporaryDirectory() as workdir:
         wants_c = not only or any(o in "C epoll" for o in only)
-        chosen = servers(build_c_server(Path(workdir)) if wants_c else None, before)
+        c_server = build_c_server(Path(workdir)) if wants_c else None
+        chosen = servers(c_server, before, args.metrics)
         if only:
             chosen = [s for s in chosen if any(o in s.name for o in only)]
         if not chosen:

@@ -437,22 +437,27 @@ def test_tcp_client_py_help_exits_0_and_lists_port_and_timeout() -> None:
 
 
 def test_json_log_format_prints_one_json_object_per_line() -> None:
-    """--log-format json: every stdout line parses; the first is the SERVER STARTING event."""
+    """--log-format json: every stdout line parses; the first is the listening event, and each
+    record names its event for machines (docs/metrics.md) and keeps the console's tag."""
     with ServerProcess(*LOCAL, "--log-format", "json") as server:
         first = json.loads(server.readline())
-        assert first["event"] == "SERVER STARTING"
+        assert first["event"] == "listening"
+        assert first["tag"] == "SERVER STARTING"
         [[host, port]] = first["addresses"]
         assert host == "127.0.0.1"
         with connect(("127.0.0.1", port)) as sock:
             sock.sendall(b"json\n")
             assert recv_exactly(sock, 5) == b"json\n"
-        server.wait_for('"DISCONNECTED"')
+        server.wait_for('"event": "closed"')
         lines = stop(server)
     entries = [json.loads(line) for line in lines]
     events = [entry["event"] for entry in entries]
-    assert events[0] == "SERVER STARTING"
-    assert {"NEW CONNECTION", "DISCONNECTED"} <= set(events)
-    assert events[-1] == "SERVER STOPPED"
+    assert events[0] == "listening"
+    assert {"engine", "opened", "message", "closed", "draining"} <= set(events)
+    assert events[-1] == "stopped"
+    closed = next(entry for entry in entries if entry["event"] == "closed")
+    assert closed["reason"] == "client_closed"
+    assert (closed["bytes_received"], closed["bytes_sent"]) == (5, 5)
     assert entries[-1]["connections"] == 1
     assert entries[-1]["bytes_echoed"] == 5
 

@@ -31,6 +31,8 @@ NETWORK_SAMPLES: dict[str, tuple[str, ...]] = {
     "deny": ("198.51.100.7",),
     "proxy_trusted": ("10.1.0.0/16",),
 }
+# HOST:PORT values.
+ADDRESS_SAMPLES: dict[str, str] = {"metrics": "127.0.0.1:9109"}
 # The other options an option's sample needs (ServerConfig checks one against the other), given
 # on the command line beside it.
 COMPANIONS: dict[str, list[str]] = {
@@ -130,6 +132,8 @@ def sample(option: Option) -> Any:
     value_type = option.type
     if option.name in NETWORK_SAMPLES:
         return NETWORK_SAMPLES[option.name]
+    if option.name in ADDRESS_SAMPLES:
+        return ADDRESS_SAMPLES[option.name]
     item: Any
     if value_type.choices:
         item = next(choice for choice in value_type.choices if choice != option.default)

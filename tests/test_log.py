@@ -213,7 +213,8 @@ def test_json_format_is_one_object_with_event_level_message_and_fields() -> None
 
     assert "\n" not in line
     entry = json.loads(line)
-    assert entry["event"] == "NEW CONNECTION"
+    assert entry["event"] == "new_connection"  # no event name given: the tag's
+    assert entry["tag"] == "NEW CONNECTION"
     assert entry["level"] == "info"
     assert entry["message"] == "127.0.0.1:5000 connected"
     assert entry["peer"] == "127.0.0.1:5000"
@@ -223,7 +224,7 @@ def test_json_format_is_one_object_with_event_level_message_and_fields() -> None
 
 def test_json_format_uses_the_level_as_event_when_there_is_no_tag() -> None:
     entry = json.loads(JsonFormatter().format(make_record("x", level=logging.ERROR)))
-    assert entry["event"] == "ERROR"
+    assert entry["event"] == "error"
     assert entry["level"] == "error"
 
 

@@ -129,6 +129,7 @@ class ServerConfig:
     log_level: LogLevel = "info"
     log_format: LogFormat = "console"
     quiet: bool = False
+    metrics: str | None = None  # HOST:PORT of /metrics, /healthz and /readyz (None: off)
 
     def __post_init__(self) -> None:
         if isinstance(self.host, str):  # one address, as code (not a source) may give it
@@ -161,6 +162,14 @@ class ServerConfig:
             self.tls_client_ca,
             "needs --tls-cert and --tls-key",
         )
+        # The metrics port is never the echo port: a scraper or a health check must not land
+        # on the echo server, nor a client on the metrics. (Port 0 for both: two OS picks.)
+        _require(
+            self.metrics is None or self.port == 0 or self.metrics_address[1] != self.port,
+            "--metrics",
+            self.metrics,
+            f"the metrics port must not be the echo port (--port {self.port})",
+        )
 
     def access_list(self) -> AccessList:
         """``allow`` and ``deny`` parsed. Raises `ConfigError` for an entry that is no network."""
@@ -175,6 +184,12 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        """``metrics`` as (host, port). Only when ``metrics`` is set."""
+        assert self.metrics is not None
+        return parse_host_port(self.metrics)
 
     def session_settings(self) -> SessionSettings:
         return SessionSettings(
@@ -376,6 +391,21 @@ def _encodable(text: str) -> None:
     text.encode()  # a UnicodeEncodeError is a ValueError
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets: ``[::1]:9100``) as (host, port). Raises
+    ValueError saying what is wrong."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ValueError("give it as HOST:PORT, such as 127.0.0.1:9100 or [::1]:9100")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("put an IPv6 address in brackets: [::1]:9100")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError("the port must be 0 to 65535")
+    return host, int(port)
+
+
 def _cidr(text: str) -> None:
     try:
         parse_network(text)
@@ -574,9 +604,20 @@ OPTIONS: tuple[Option, ...] = (
         "log_format",
         "logging",
         "console: the seed's [TAG] lines; json: one object per line",
-        details="(with `time`, `level`, `event`, `message` and fields such as `peer`)",
+        details="(with `time`, `level`, `event`, `tag`, `message` and fields such as `peer`; "
+        "every event and its fields: [docs/metrics.md](metrics.md#the-logs-events))",
     ),
     Option("quiet", "logging", "do not log each message received", short="-q"),
+    Option(
+        "metrics",
+        "monitoring",
+        "serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address",
+        metavar="HOST:PORT",
+        check_item=parse_host_port,
+        default_text="off",
+        details="(never the echo port; port 0 lets the OS pick, and the `[METRICS]` line shows "
+        "it; needs the `metrics` extra; see [docs/metrics.md](metrics.md))",
+    ),
 )
 
 BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}

@@ -82,13 +82,20 @@ class ConsoleFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, event, message, and the record's fields."""
+    """One JSON object a line: time, level, event, tag, message, and the record's fields.
+
+    ``event`` is a stable name for machines (``opened``, ``closed``, ``refused``, …: the
+    list is in docs/metrics.md), from the record's ``event``; a record without one gets its
+    tag in lower case with ``_`` for spaces, or its level. ``tag`` is the console's tag.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
+        tag = getattr(record, "tag", None) or record.levelname
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),
-            "event": getattr(record, "tag", None) or record.levelname,
+            "event": getattr(record, "event", None) or _event_name(tag),
+            "tag": tag,
             "message": record.getMessage(),
         }
         fields = getattr(record, "fields", None)
@@ -97,6 +104,11 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=True)
+
+
+def _event_name(tag: str) -> str:
+    """``SERVER STARTING`` → ``server_starting``."""
+    return "_".join(tag.lower().split())
 
 
 def configure(level: LogLevel, fmt: LogFormat, stream: TextIO | None = None) -> None:
@@ -155,6 +167,7 @@ class EventLog:
         elif isinstance(event, MessagesHeld):
             self._info(
                 event.peer,
+                "messages_held",
                 "%d messages logged; the rest are echoed but not logged",
                 event.logged,
                 peer=event.peer,
@@ -168,18 +181,22 @@ class EventLog:
         elif isinstance(event, Draining):
             self._info(
                 "SERVER STOPPING",
+                "draining",
                 "draining: waiting up to %gs for %d connections to finish",
                 event.timeout,
                 event.connections,
                 connections=event.connections,
+                timeout=event.timeout,
             )
         elif isinstance(event, DrainTimedOut):
             self._warning(
                 "SERVER STOPPING",
+                "drain_timed_out",
                 "drain timeout (%gs) reached: closing %d connections",
                 event.timeout,
                 event.remaining,
                 remaining=event.remaining,
+                timeout=event.timeout,
             )
         elif isinstance(event, Stopped):
             self._stopped(event)
@@ -191,6 +208,7 @@ class EventLog:
         worker = f"worker {self._number} (pid {os.getpid()}): " if self._number else ""
         self._info(
             "WORKER STOPPED" if self._number else "SERVER STOPPED",
+            "worker_stopped" if self._number else "stopped",
             "%s%d connections served, %d bytes echoed",
             worker,
             summary.connections,
@@ -199,6 +217,8 @@ class EventLog:
             connections=summary.connections,
             bytes_echoed=summary.bytes_echoed,
             refused=summary.refused,
+            bytes_received=summary.bytes_received,
+            accept_errors=summary.accept_errors,
         )
 
     def _message(self, event: Message) -> None:
@@ -206,7 +226,11 @@ class EventLog:
             self.logger.info(
                 "%s",
                 escape(event.data),
-                extra={"tag": event.peer, "fields": {"peer": event.peer, "bytes": len(event.data)}},
+                extra={
+                    "tag": event.peer,
+                    "event": "message",
+                    "fields": {"peer": event.peer, "bytes": len(event.data)},
+                },
             )
 
     def _closed(self, event: Closed) -> None:
@@ -220,6 +244,7 @@ class EventLog:
             extras += f", {event.bytes_discarded} discarded ({event.discard_reason})"
         self._info(
             "DISCONNECTED",
+            "closed",
             "%s %s%s, %.1fs)",
             event.peer,
             event.reason.value,
@@ -249,11 +274,14 @@ class EventLog:
             more,
             extra={
                 "tag": "INTERNAL ERROR",
+                "event": "internal_error",
                 "fields": {"peer": event.peer, "error": type(error).__name__, "folded": held},
             },
         )
         self.logger.debug(
-            "the traceback", exc_info=error, extra={"tag": "INTERNAL ERROR", "fields": {}}
+            "the traceback",
+            exc_info=error,
+            extra={"tag": "INTERNAL ERROR", "event": "internal_error_traceback", "fields": {}},
         )
 
     def _opened(self, event: Opened) -> None:
@@ -262,6 +290,7 @@ class EventLog:
         )
         self._info(
             "NEW CONNECTION",
+            "opened",
             "%s connected%s. Active connections: %d%s",
             event.peer,
             f" ({escape(about.encode())})" if about else "",
@@ -281,6 +310,7 @@ class EventLog:
         via = f" (via {event.via})" if event.via else ""
         self._warning(
             "REFUSED",
+            "refused",
             "%s%s %s%s",
             event.peer,
             via,
@@ -301,10 +331,19 @@ class EventLog:
             text = "cannot accept a connection: %s; retrying%s"
         else:
             text = "a connection failed before it was accepted: %s%s"
-        self._warning("ACCEPT ERROR", text, event.error, more, error=event.error, folded=held)
+        self._warning(
+            "ACCEPT ERROR",
+            "accept_failed",
+            text,
+            event.error,
+            more,
+            error=event.error,
+            retrying=event.retrying,
+            folded=held,
+        )
 
-    def _info(self, tag: str, message: str, *args: object, **fields: object) -> None:
-        self.logger.info(message, *args, extra={"tag": tag, "fields": fields})
+    def _info(self, tag: str, event: str, message: str, *args: object, **fields: object) -> None:
+        self.logger.info(message, *args, extra={"tag": tag, "event": event, "fields": fields})
 
-    def _warning(self, tag: str, message: str, *args: object, **fields: object) -> None:
-        self.logger.warning(message, *args, extra={"tag": tag, "fields": fields})
+    def _warning(self, tag: str, event: str, message: str, *args: object, **fields: object) -> None:
+        self.logger.warning(message, *args, extra={"tag": tag, "event": event, "fields": fields})

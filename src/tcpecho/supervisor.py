@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from tcpecho import net
 from tcpecho.config import ServerConfig
@@ -24,6 +25,9 @@ from tcpecho.events import Stopped
 from tcpecho.log import EventLog
 from tcpecho.net import Address, format_address
 from tcpecho.systemd import Notifier
+
+if TYPE_CHECKING:
+    from tcpecho.metrics import Exporter
 
 logger = logging.getLogger("tcpecho.server")
 
@@ -44,25 +48,57 @@ def serve(config: ServerConfig) -> Summary:
     The first signal stops accepting and drains; a second one closes every connection at
     once. With ``config.workers`` > 1 this process supervises that many worker processes
     instead. With ``config.notify_socket`` it tells systemd READY=1 once listening (after the
-    banner) and STOPPING=1 when a stop begins. Raises `HostNotFound` or a `BindError` when the
-    server cannot listen, `InheritedSocketError` when a socket systemd passed is unusable.
+    banner) and STOPPING=1 when a stop begins. With ``config.metrics``, /metrics, /healthz and
+    /readyz are served on that address, in threads of this process, from before the server
+    listens until it has stopped. Raises `HostNotFound` or a `BindError` when the server
+    cannot listen, `InheritedSocketError` when a socket systemd passed is unusable,
+    `MissingExtra` when --metrics is given without prometheus_client.
     """
     notifier = Notifier(config.notify_socket)
-    if config.workers > 1:
-        return _serve_workers(config, notifier)
-    engine = create_engine(config)
+    with _metrics(config, config.workers) as exporter:
+        if config.workers > 1:
+            return _serve_workers(config, notifier, exporter)
+        return _serve_one(config, notifier, exporter)
+
+
+@contextmanager
+def _metrics(config: ServerConfig, slots: int) -> Iterator[Exporter | None]:
+    """The metrics exporter when ``config.metrics`` asks for one, closed on exit."""
+    if config.metrics is None:
+        yield None
+        return
+    from tcpecho.metrics import open_exporter
+
+    exporter = open_exporter(config, slots)
+    try:
+        yield exporter
+    finally:
+        exporter.health.stopping()
+        exporter.close()
+
+
+def _serve_one(config: ServerConfig, notifier: Notifier, exporter: Exporter | None) -> Summary:
+    engine = create_engine(config, [] if exporter is None else [exporter.recorder()])
     addresses = engine.start()
+    if exporter is not None:
+        exporter.health.listening()
     # The handlers go in before the banner: a stop that comes as soon as the banner is out
     # (a script, a supervisor) must drain, not kill. The engine keeps a stop made before serve.
     with stop_on_signals(_announced(engine.stop, notifier)):
         _log_banner(addresses, config)
+        if exporter is not None:
+            exporter.log_listening()
         logger.info(
             "engine %s, %s framing, %s replies, up to %d connections",
             engine.description,
             config.framing,
             config.reply,
             config.max_connections,
-            extra={"tag": "ENGINE", "fields": {"engine": engine.description}},
+            extra={
+                "tag": "ENGINE",
+                "event": "engine",
+                "fields": {"engine": engine.description},
+            },
         )
         notifier.ready(addresses)
         return engine.serve()  # it logs its own summary
@@ -73,7 +109,11 @@ def _log_banner(addresses: list[Address], config: ServerConfig) -> None:
     logger.info(
         "Listening on %s",
         listening,
-        extra={"tag": "SERVER STARTING", "fields": {"addresses": [list(a) for a in addresses]}},
+        extra={
+            "tag": "SERVER STARTING",
+            "event": "listening",
+            "fields": {"addresses": [list(a) for a in addresses]},
+        },
     )
     if config.listen_fds:
         fds = ", ".join(str(fd) for fd in config.listen_fds)
@@ -124,7 +164,7 @@ def stop_on_signals(stop: Callable[..., None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _serve_workers(config: ServerConfig, notifier: Notifier) -> Summary:
+def _serve_workers(config: ServerConfig, notifier: Notifier, exporter: Exporter | None) -> Summary:
     """Listen here (or take systemd's sockets), then fork ``config.workers`` processes that
     accept on these sockets.
 
@@ -138,17 +178,24 @@ def _serve_workers(config: ServerConfig, notifier: Notifier) -> Summary:
     Raises `HostNotFound` or a `BindError` when it cannot listen, `InheritedSocketError`
     when a socket systemd passed is unusable, `WorkersFailing` when workers keep dying as soon
     as they start.
+
+    ``exporter``: the metrics, served here; worker N counts into its slot N - 1, and /readyz
+    turns 503 as this process forwards the stop.
     """
     listeners = net.listening_sockets(config)
     try:
         fds = tuple(sock.fileno() for sock in listeners)
         worker_config = dataclasses.replace(config, workers=1, listen_fds=fds, notify_socket="")
         create_engine(worker_config)  # a bad choice (say, --loop uvloop without uvloop) fails here
-        workers = _Workers(worker_config, listeners)
+        workers = _Workers(worker_config, listeners, exporter)
         addresses = [sock.getsockname()[:2] for sock in listeners]
+        if exporter is not None:
+            exporter.health.listening()  # connections queue on these until a worker accepts
         # The handlers go in before the banner, as in serve().
         with stop_on_signals(_announced(workers.stop, notifier)):
             _log_banner(addresses, config)
+            if exporter is not None:
+                exporter.log_listening()
             total = workers.run(
                 config.workers, started=lambda: notifier.ready(addresses, config.workers)
             )
@@ -171,9 +218,12 @@ class _Workers:
     """The supervisor's worker processes: starts them, restarts one that dies, stops them all,
     and adds up the summaries they report."""
 
-    def __init__(self, config: ServerConfig, listeners: list[socket.socket]) -> None:
+    def __init__(
+        self, config: ServerConfig, listeners: list[socket.socket], exporter: Exporter | None
+    ) -> None:
         self.config = config
         self.listeners = listeners
+        self.exporter = exporter
         self.running: dict[int, _Worker] = {}  # by pid
         self.stopping = False
         self.quick_deaths = 0
@@ -193,6 +243,8 @@ class _Workers:
     def stop(self, force: bool = False) -> None:
         """Called from the signal handler: forward the stop to every worker."""
         self.stopping = True
+        if self.exporter is not None:
+            self.exporter.health.stopping()
         # The listening sockets close once the workers have closed theirs too: from then on a
         # connect is refused, as with a single server, instead of queueing where nobody accepts.
         for sock in self.listeners:
@@ -213,7 +265,7 @@ class _Workers:
             report, writer = os.pipe()
             try:
                 config = dataclasses.replace(self.config, worker=number)
-                pid = _fork_worker(config, blocked, writer)
+                pid = _fork_worker(config, blocked, writer, self.exporter)
             except BaseException:
                 os.close(report)
                 raise
@@ -227,6 +279,8 @@ class _Workers:
 
     def reap(self, worker: _Worker, status: int) -> None:
         """Count what an exited worker reported; restart it unless the server is stopping."""
+        if self.exporter is not None:
+            self.exporter.retire(worker.number - 1)  # before a new worker writes that slot
         summary = _read_report(worker.report)
         if summary is not None:
             self.total = _add(self.total, summary)
@@ -254,7 +308,11 @@ def _warn(worker: _Worker, what: str) -> None:
         worker.number,
         worker.pid,
         what,
-        extra={"tag": "WORKER", "fields": {"worker": worker.number, "pid": worker.pid}},
+        extra={
+            "tag": "WORKER",
+            "event": "worker_exited",
+            "fields": {"worker": worker.number, "pid": worker.pid},
+        },
     )
 
 
@@ -285,12 +343,17 @@ def _add(total: Summary, more: Summary) -> Summary:
     )
 
 
-def _fork_worker(config: ServerConfig, signal_mask: set[int | signal.Signals], report: int) -> int:
+def _fork_worker(
+    config: ServerConfig,
+    signal_mask: set[int | signal.Signals],
+    report: int,
+    exporter: Exporter | None,
+) -> int:
     """Start one worker process; return its pid. The child never returns from here.
 
     Called with the stop signals blocked; the child restores ``signal_mask`` once its own
     handlers are in place. The child writes its summary to the descriptor ``report`` as one
-    JSON line when it has stopped.
+    JSON line when it has stopped, and its counts to its slot of ``exporter``'s table.
     """
     supervisor = os.getpid()
     pid = os.fork()
@@ -305,14 +368,22 @@ def _fork_worker(config: ServerConfig, signal_mask: set[int | signal.Signals], r
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         _die_with_parent(supervisor)
-        engine = create_engine(config)
+        consumers = []
+        if exporter is not None:
+            exporter.forked()  # the metrics port is served by the supervisor alone
+            consumers.append(exporter.recorder(config.worker - 1))
+        engine = create_engine(config, consumers)
         engine.start()
         logger.info(
             "worker %d (pid %d) listening, %s",
             config.worker,
             os.getpid(),
             engine.description,
-            extra={"tag": "WORKER", "fields": {"worker": config.worker, "pid": os.getpid()}},
+            extra={
+                "tag": "WORKER",
+                "event": "worker_listening",
+                "fields": {"worker": config.worker, "pid": os.getpid()},
+            },
         )
         with stop_on_signals(engine.stop):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -324,9 +395,18 @@ def _fork_worker(config: ServerConfig, signal_mask: set[int | signal.Signals], r
                 os.write(report, line.encode())
         code = 0
     except TcpEchoError as exc:
-        logger.error("worker %d: %s", config.worker, exc, extra={"tag": "WORKER"})
+        logger.error(
+            "worker %d: %s",
+            config.worker,
+            exc,
+            extra={"tag": "WORKER", "event": "worker_failed", "fields": {"worker": config.worker}},
+        )
     except BaseException:
-        logger.exception("worker %d failed", config.worker, extra={"tag": "WORKER"})
+        logger.exception(
+            "worker %d failed",
+            config.worker,
+            extra={"tag": "WORKER", "event": "worker_failed", "fields": {"worker": config.worker}},
+        )
     finally:
         logging.shutdown()
         os._exit(code)

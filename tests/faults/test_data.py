@@ -122,9 +122,13 @@ def test_hostile_messages_are_one_clean_log_record_each(
         if log_format == "json":
             parsed = [json.loads(text) for text in records]
             assert all(isinstance(record, dict) for record in parsed)
-            messages = [record for record in parsed if record["event"] == peer]
+            messages = [
+                record
+                for record in parsed
+                if record["event"] == "message" and record["peer"] == peer
+            ]
             assert sum(record["bytes"] for record in messages) == len(stream)
-            closed = [record for record in parsed if record["event"] == "DISCONNECTED"]
+            closed = [record for record in parsed if record["event"] == "closed"]
         else:
             assert all(re.match(r"\[[^\]]+\] ", text) for text in records), records
             messages = [text for text in records if text.startswith(f"[{peer}] ")]

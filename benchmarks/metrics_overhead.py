@@ -1,0 +1,117 @@
+"""What ``--metrics`` costs the echo path: CPU per round trip, metrics on ÷ off, side by side.
+
+For each engine, two servers run at once, the same but for ``--metrics 127.0.0.1:0``, both
+pinned to CPU 0, and ``tcpecho bench`` (on CPU 1) drives them in turn, in short runs:
+off, on, on, off, off, on, ... (ABBA, so that a drift of the machine favours neither). Each
+pair of neighbouring runs gives one ratio of the servers' CPU time per round trip; the table
+gives the median ratio with its quartiles, over many pairs. Short alternating runs on servers
+that stay up make the ratio robust to a machine whose speed wanders (other work on it), which
+a few long runs are not.
+
+    python benchmarks/metrics_overhead.py [--pairs 12] [--duration 1.5]
+                                          [--scenarios 1x64,50x64x8] [--engines threads,...]
+
+Needs tcpecho[bench,metrics] and taskset; it prints one line per run to stderr and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+
+from compare import (  # benchmarks/, the script's own directory, is first on sys.path
+    ROOT,
+    SETTLE_S,
+    Scenario,
+    Server,
+    bench,
+    cpu_time,
+    label,
+    machine,
+    parse_scenarios,
+    revision,
+    running,
+)
+
+ENGINES = {
+    "threads": ["--engine", "threads"],
+    "asyncio": ["--engine", "asyncio", "--loop", "asyncio"],
+    "uvloop": ["--engine", "asyncio", "--loop", "uvloop"],
+}
+
+
+def measured(port: int, pid: int, scenario: Scenario, duration: float) -> float:
+    """One run: the server's CPU µs per round trip."""
+    time.sleep(SETTLE_S)
+    start = cpu_time(pid)
+    report = bench(port, scenario, duration)
+    cpu = cpu_time(pid).clock - start.clock
+    if not report["ok"] or not report["round_trips"]:
+        raise RuntimeError(f"bench failed: {report}")
+    return float(cpu / report["round_trips"] * 1e6)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, median, high
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=12, help="on/off pairs per case")
+    parser.add_argument("--duration", type=float, default=1.5, help="seconds a run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up, each")
+    parser.add_argument("--scenarios", type=parse_scenarios, default=[(1, 64, 1), (50, 64, 8)])
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    args = parser.parse_args()
+    py = sys.executable
+    common = ["--host", "127.0.0.1", "--port", "0", "-q", "--max-connections", "10000"]
+    rows = []
+    for engine in args.engines.split(","):
+        flags = [*common, *ENGINES[engine]]
+        off = Server(f"{engine}", [py, str(ROOT / "tcp_server.py"), *flags])
+        on = Server(f"{engine} +metrics", [*off.command, "--metrics", "127.0.0.1:0"])
+        for scenario in args.scenarios:
+            with ExitStack() as stack:
+                servers = {"off": stack.enter_context(running(off))}
+                servers["on"] = stack.enter_context(running(on))
+                for port, _ in servers.values():
+                    bench(port, scenario, args.warmup)
+                ratios, cpu = [], {"off": [], "on": []}
+                for pair in range(args.pairs):
+                    order = ("off", "on") if pair % 2 == 0 else ("on", "off")
+                    run = {}
+                    for side in order:
+                        port, pid = servers[side]
+                        run[side] = measured(port, pid, scenario, args.duration)
+                        cpu[side].append(run[side])
+                    ratios.append(run["on"] / run["off"])
+                    print(
+                        f"{engine:>8} {label(scenario):>20} pair {pair + 1:>2}: "
+                        f"off {run['off']:.2f}, on {run['on']:.2f} CPU µs/rt, "
+                        f"ratio {ratios[-1]:.3f}",
+                        file=sys.stderr,
+                    )
+            low, median, high = quartiles(ratios)
+            rows.append(
+                f"| {engine} | {label(scenario)} | {statistics.median(cpu['off']):.2f} | "
+                f"{statistics.median(cpu['on']):.2f} | **{median:.3f}** "
+                f"({low:.3f}–{high:.3f}) |"
+            )
+    print(
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; tcpecho "
+        f"{revision(ROOT)}; {args.pairs} pairs of {args.duration:g} s runs per case, "
+        "alternating ABBA; servers on CPU 0, load on CPU 1.\n"
+    )
+    print("| engine | scenario | off: CPU µs/rt | on: CPU µs/rt | on ÷ off, median (quartiles) |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
