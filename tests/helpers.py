@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import pytest
 
@@ -173,15 +173,14 @@ class CapturedRecords(logging.Handler):
         self.records.append(record)
 
 
-@contextmanager
-def captured_server_log() -> Iterator[CapturedRecords]:
-    """The records of the ``tcpecho.server`` logger at INFO and above, while the block runs.
+HandlerT = TypeVar("HandlerT", bound=logging.Handler)
 
-    (pytest's caplog sees nothing once the CLI has configured tcpecho's logger not to
-    propagate, as the in-process CLI tests do.)
-    """
+
+@contextmanager
+def attached_to_server_log(handler: HandlerT) -> Iterator[HandlerT]:
+    """``handler`` on the ``tcpecho.server`` logger, at INFO and above, while the block runs."""
     logger = logging.getLogger("tcpecho.server")
-    handler, level = CapturedRecords(), logger.level
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -189,3 +188,14 @@ def captured_server_log() -> Iterator[CapturedRecords]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@contextmanager
+def captured_server_log() -> Iterator[CapturedRecords]:
+    """The records of the ``tcpecho.server`` logger at INFO and above, while the block runs.
+
+    (pytest's caplog sees nothing once the CLI has configured tcpecho's logger not to
+    propagate, as the in-process CLI tests do.)
+    """
+    with attached_to_server_log(CapturedRecords()) as handler:
+        yield handler

@@ -39,6 +39,7 @@ from tests.helpers import (
     ROOT,
     ServerFactory,
     ServerProcess,
+    attached_to_server_log,
     connect,
     engine_arguments,
     recv_exactly,
@@ -141,15 +142,8 @@ class ServerLog(logging.Handler):
 
 @pytest.fixture
 def server_log() -> Iterator[ServerLog]:
-    logger = logging.getLogger("tcpecho.server")
-    handler, level = ServerLog(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with attached_to_server_log(ServerLog()) as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.fixture
