@@ -240,14 +240,20 @@ def parser_message(data: bytes) -> str:
     return str(raised.value)
 
 
-@pytest.mark.parametrize("mode", ["on", "optional"])
-@pytest.mark.parametrize("name", sorted(BAD_HEADERS))
+# Under "optional", bytes that cannot start a header are the client's data, not a bad header.
+BAD_HEADER_CASES = [
+    (name, mode)
+    for name in sorted(BAD_HEADERS)
+    for mode in ("on", "optional")
+    if mode == "on" or proxy.starts_like_header(BAD_HEADERS[name]) is not False
+]
+
+
+@pytest.mark.parametrize(("name", "mode"), BAD_HEADER_CASES)
 def test_a_bad_header_closes_with_the_parsers_words_and_answers_nothing(
     name: str, mode: str
 ) -> None:
     bad = BAD_HEADERS[name]
-    if mode == "optional" and proxy.starts_like_header(bad) is False:
-        pytest.skip("optional: bytes that cannot start a header are the client's data")
     driven = Driven(settings(proxy=mode))
     driven.read(bad + b"after")
     driven.read(b"and more", 2.0)
