@@ -378,37 +378,24 @@ def test_a_local_header_health_check_is_served_as_the_proxys_own_connection(
 # The real client
 
 
-def test_the_client_sends_a_v1_header_with_send_proxy(start: Start) -> None:
-    help_text = subprocess.run(
-        [sys.executable, "-m", "tcpecho", "client", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    ).stdout
-    if "--send-proxy" not in help_text:
-        pytest.skip("tcpecho client has no --send-proxy yet (branch client-tls not merged)")
-    server = start()
+def test_the_client_sends_a_v1_header_and_prints_the_greeting(start: Start) -> None:
+    """``tcpecho client --send-proxy v1 --greeting``: the server names the client from the
+    header, greets it, and the client prints the greeting, then the echo."""
+    server = start(greeting="info")
     host, port = server.address
+    command = [sys.executable, "-m", "tcpecho", "client", "--host", host, "--port", str(port)]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tcpecho",
-            "client",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--send-proxy",
-            "v1",
-        ],
+        [*command, "--send-proxy", "v1", "--greeting"],
         input="through the client\n",
         capture_output=True,
         text=True,
         timeout=20,
         check=True,
     )
-    assert "through the client" in done.stdout
+    greeting_line, echo = done.stdout.splitlines()
+    greeting = json.loads(greeting_line)
+    assert echo == "through the client"
+    assert greeting["proxy"].startswith("127.0.0.1:")
+    assert greeting["proxy_destination"] == f"127.0.0.1:{port}"
     [opened] = server.wait_for("NEW CONNECTION")
     assert " (via 127.0.0.1:" in opened

@@ -259,6 +259,12 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait to connect (TLS handshake included) and for each reply "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--greeting",
+        action="store_true",
+        help="the server greets first (tcpecho serve --greeting info): print its line, then "
+        "send",
+    )
     add_tls_arguments(parser)
 
 
@@ -388,6 +394,13 @@ def run_client(args: argparse.Namespace) -> int:
         # The seed's words, exactly.
         print(f"Error: Connection refused. Is the server running on {args.host}:{args.port}?")
         return ConnectionRefused.exit_code
+    if args.greeting:
+        try:
+            sys.stdout.buffer.write(echo_client.read_reply())
+            sys.stdout.flush()
+        except (OSError, client.ReplyIncomplete):
+            print("Error: the server sent no greeting line", file=sys.stderr)
+            return 1
     if sys.stdin.isatty():
         return client.run_interactive(echo_client, sys.stdin, sys.stdout)
     return client.run_script(echo_client, sys.stdin.buffer, sys.stdout.buffer)
