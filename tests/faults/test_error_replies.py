@@ -10,7 +10,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from tests.faults.harness import StartServer
+from tests.faults.harness import StartServer, peer_of
 from tests.helpers import connect, recv_exactly
 
 CLIENTS = 100
@@ -109,8 +109,13 @@ def test_line_timeout_is_read_whole_by_every_client(fault_server: StartServer) -
 
 def test_busy_is_read_whole_by_every_client(fault_server: StartServer) -> None:
     server = fault_server("-q", "--max-connections=1")
+    mark = server.mark()
     with connect(server.address) as holder:
         holder.sendall(b"h")
         assert recv_exactly(holder, 1) == b"h"
+        peer = peer_of(holder)
         outcomes = keep_sending_until_closed(server.address, CLIENTS, b"y" * 4096, 0)
+    # The one place is free once the server has logged the holder gone (its descriptor may
+    # close a moment before): only then may the canary come.
+    server.wait_for("[DISCONNECTED]", f"{peer} closed by client", since=mark)
     server.check(lambda: assert_all_read_the_error(outcomes, b"ERROR server busy\n"))
