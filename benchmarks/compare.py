@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -213,13 +213,16 @@ def cpu_time(root: int) -> CpuTime:
     return CpuTime(clock, ticks / CLOCK_TICKS)
 
 
-def bench(port: int, scenario: Scenario, duration: float) -> dict[str, Any]:
-    """One run of ``tcpecho bench`` with no warm-up of its own: every round trip counts."""
+def bench(
+    port: int, scenario: Scenario, duration: float, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """One run of ``tcpecho bench`` with no warm-up of its own: every round trip counts.
+    ``extra``: more of its options (``--tls``, ``--reconnect``)."""
     connections, size, pipeline = scenario
     command = ["taskset", "-c", CLIENT_CPU, sys.executable, "-m", "tcpecho", "bench"]
     command += [f"127.0.0.1:{port}", "-c", str(connections), "-s", str(size)]
     command += ["-p", str(pipeline)]
-    command += ["-d", str(duration), "--warmup", "0", "--json", "--timeout", "30"]
+    command += ["-d", str(duration), "--warmup", "0", "--json", "--timeout", "30", *extra]
     result = subprocess.run(
         command,
         capture_output=True,

@@ -20,8 +20,6 @@ TLS servers, a full handshake each). CPU per operation counts every process of t
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import socket
 import ssl
@@ -37,8 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import compare
 from compare import cpu_time, machine
-from server_process import ROOT, ServerProcess
+from server_process import ServerProcess
 
 MODES = {"round trips": [], "connects": ["--reconnect"]}
 SERVERS = ("plain", "tls", "haproxy")
@@ -116,22 +115,9 @@ def _wait_serving(port: int, proc: subprocess.Popen[str]) -> None:
 
 
 def bench(port: int, tls: bool, ca: str, extra: list[str], duration: float) -> dict[str, Any]:
-    command = [sys.executable, "-m", "tcpecho", "bench", f"127.0.0.1:{port}"]
-    command += ["-c", str(CONNECTIONS), "-s", str(SIZE), "-d", str(duration)]
-    command += ["--warmup", "0", "--json", "--timeout", "30", *extra]
     if tls:
-        command += ["--tls", "--ca", ca, "--server-name", "localhost"]
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-    )
-    if not result.stdout:
-        raise RuntimeError(f"bench failed: {result.stderr.strip()}")
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
+        extra = [*extra, "--tls", "--ca", ca, "--server-name", "localhost"]
+    return compare.bench(port, (CONNECTIONS, SIZE, 1), duration, extra)
 
 
 def measure(
