@@ -262,8 +262,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--greeting",
         action="store_true",
-        help="the server greets first (tcpecho serve --greeting info): print its line, then "
-        "send",
+        help="the server greets first (tcpecho serve --greeting info): print its line, then send",
     )
     add_tls_arguments(parser)
 
