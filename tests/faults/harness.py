@@ -346,6 +346,7 @@ class Flood:
     sock: socket.socket
     started: float
     sent: int = 0
+    blocked_at: float | None = None  # its first send that would block (the server stopped reading)
     reset_at: float | None = None  # when the server's reset arrived
 
 
@@ -398,12 +399,16 @@ def flood_until_reset(server: FaultServer, clients: int, timeout: float) -> Floo
                 now = time.monotonic()
                 if not events & (select.POLLERR | select.POLLHUP):
                     try:
-                        flood.sent += flood.sock.send(FLOOD_CHUNK)
-                        continue
+                        sent = flood.sock.send(FLOOD_CHUNK)
                     except BlockingIOError:
-                        continue
+                        sent = 0
                     except (ConnectionResetError, BrokenPipeError):
-                        pass
+                        sent = -1
+                    if sent >= 0:
+                        flood.sent += sent
+                        if sent < len(FLOOD_CHUNK) and flood.blocked_at is None:
+                            flood.blocked_at = now  # its send buffer is full
+                        continue
                 # POLLERR/POLLHUP: the server's reset arrived (RST), or a send met it.
                 flood.reset_at = now
                 poller.unregister(fd)
