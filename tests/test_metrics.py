@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -65,6 +65,17 @@ def scrape(address: tuple[str, int]) -> dict[str, float]:
     status, _, body = get(address, "/metrics")
     assert status == 200
     return parse_text(body)
+
+
+def scrape_when(
+    address: tuple[str, int], settled: Callable[[dict[str, float]], bool]
+) -> dict[str, float]:
+    """Scrape until ``settled`` holds (a client's close reaches the server a moment after the
+    client has moved on), or PROMPTLY has passed: then the last scrape, for the asserts."""
+    deadline = time.monotonic() + PROMPTLY
+    while not settled(metrics := scrape(address)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return metrics
 
 
 @contextmanager
@@ -261,22 +272,21 @@ def test_two_workers_show_as_one_server_and_keep_the_counts_of_a_worker_that_die
             number, pid = re.findall(r"worker (\d) \(pid (\d+)\)", line)[0]
             pids[int(number)] = int(pid)
         connections = 20
-        held = connect(("127.0.0.1", port))
-        held.sendall(b"held")
-        assert recv_exactly(held, 4) == b"held"
-        for _ in range(connections):
-            assert echo_once(("127.0.0.1", port), b"y" * 100) == b"y" * 100
-        totals = scrape(metrics)
-        assert totals["tcpecho_connections_opened_total"] == connections + 1
-        assert totals["tcpecho_connections_active"] == 1
-        assert totals["tcpecho_received_bytes_total"] == connections * 100
-        # Kill both workers in turn: whichever held the connection, the totals stay.
-        for number in (1, 2):
-            subprocess.run(["kill", "-KILL", str(pids[number])], check=True)
-            server.wait_for(f"worker {number} (pid {pids[number]}) was killed by SIGKILL")
-            server.wait_for(f"[WORKER] worker {number} (pid")
-        held.close()
-        after = scrape(metrics)
+        with connect(("127.0.0.1", port)) as held:
+            held.sendall(b"held")
+            assert recv_exactly(held, 4) == b"held"
+            for _ in range(connections):
+                assert echo_once(("127.0.0.1", port), b"y" * 100) == b"y" * 100
+            totals = scrape_when(metrics, lambda m: m["tcpecho_connections_active"] == 1)
+            assert totals["tcpecho_connections_opened_total"] == connections + 1
+            assert totals["tcpecho_connections_active"] == 1
+            assert totals["tcpecho_received_bytes_total"] == connections * 100
+            # Kill both workers in turn: whichever held the connection, the totals stay.
+            for number in (1, 2):
+                subprocess.run(["kill", "-KILL", str(pids[number])], check=True)
+                server.wait_for(f"worker {number} (pid {pids[number]}) was killed by SIGKILL")
+                server.wait_for(f"[WORKER] worker {number} (pid")
+        after = scrape_when(metrics, lambda m: m["tcpecho_connections_active"] == 0)
         assert after["tcpecho_connections_opened_total"] == connections + 1
         assert after["tcpecho_connections_active"] == 0
         assert after["tcpecho_received_bytes_total"] == connections * 100
@@ -359,7 +369,13 @@ def test_the_json_log_names_the_events_the_metrics_count() -> None:
             records.append(json.loads(server.readline()))
         while not any(r["event"] == "closed" for r in records):
             records.append(json.loads(server.readline()))
-        samples = scrape((str(metrics[0]), int(metrics[1])))
+        # The log is written before the metrics count the same event: wait for the count.
+        samples = scrape_when(
+            (str(metrics[0]), int(metrics[1])),
+            lambda m: (
+                m["tcpecho_connections_opened_total"] == 1 and m["tcpecho_connections_active"] == 0
+            ),
+        )
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=PROMPTLY) == 0
     closed = next(r for r in records if r["event"] == "closed")
