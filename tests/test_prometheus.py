@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -98,7 +99,9 @@ def prometheus(target: tuple[str, int], workdir: Path) -> Iterator[str]:
                 break
         else:
             raise AssertionError(f"Prometheus did not say where it listens: {lines}")
-        yield f"http://{match.group(1)}"
+        base = f"http://{match.group(1)}"
+        wait_ready(base, deadline)
+        yield base
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -106,6 +109,20 @@ def prometheus(target: tuple[str, int], workdir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+
+
+def wait_ready(base: str, deadline: float) -> None:
+    """Until Prometheus says it is ready: it listens before its storage is open, and answers
+    503 meanwhile."""
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=10) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
 
 
 def query(base: str, expression: str) -> float | None:
