@@ -449,6 +449,23 @@ def send_and_half_close(sock: socket.socket, payload: bytes) -> bytes:
     return b"".join(parts)
 
 
+def start_connects(
+    address: tuple[str, int],
+    count: int,
+    selector: selectors.BaseSelector,
+    socks: list[socket.socket],
+) -> None:
+    """Start ``count`` non-blocking connects (appended to ``socks``), each registered for
+    writing with its index as data: every connect starts before the first completes."""
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        socks.append(sock)
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        assert error in {0, errno.EINPROGRESS}, os.strerror(error)
+        selector.register(sock, selectors.EVENT_WRITE, len(socks) - 1)
+
+
 def open_and_echo(address: tuple[str, int], count: int, timeout: float) -> list[socket.socket]:
     """``count`` clients that connect at once (every connect is started before the first
     completes), each then sending a line of its own; returns them, all still open, once
@@ -457,13 +474,7 @@ def open_and_echo(address: tuple[str, int], count: int, timeout: float) -> list[
     socks: list[socket.socket] = []
     received: dict[int, bytearray] = {}
     try:
-        for index in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.setblocking(False)
-            error = sock.connect_ex(address)
-            assert error in {0, errno.EINPROGRESS}, os.strerror(error)
-            selector.register(sock, selectors.EVENT_WRITE, index)
+        start_connects(address, count, selector, socks)
         deadline = time.monotonic() + timeout
         waiting = count
         while waiting:
@@ -504,13 +515,7 @@ def connect_and_close_at_once(address: tuple[str, int], count: int, timeout: flo
     selector = selectors.DefaultSelector()
     socks: list[socket.socket] = []
     try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.setblocking(False)
-            error = sock.connect_ex(address)
-            assert error in {0, errno.EINPROGRESS}, os.strerror(error)
-            selector.register(sock, selectors.EVENT_WRITE, sock)
+        start_connects(address, count, selector, socks)
         deadline = time.monotonic() + timeout
         waiting = count
         while waiting:
@@ -518,7 +523,7 @@ def connect_and_close_at_once(address: tuple[str, int], count: int, timeout: flo
             assert left > 0, f"{waiting} of {count} connects unfinished after {timeout}s"
             for key, _ in selector.select(min(left, 1.0)):
                 selector.unregister(key.fileobj)
-                key.data.close()
+                socks[key.data].close()
                 waiting -= 1
     finally:
         for sock in socks:
