@@ -181,3 +181,25 @@ def unsent_bytes(fd: int) -> int:
     """Bytes sent on a connected TCP socket that the peer has not acknowledged yet (SIOCOUTQ,
     which Linux numbers as TIOCOUTQ). Raises OSError."""
     return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+# struct tcp_info (linux/tcp.h): tcpi_last_data_recv, milliseconds since data last arrived, is
+# the 12th 32-bit field after 8 bytes of 8-bit ones.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_LAST_DATA_RECV = 8 + 11 * 4
+INPUT_AGE_KNOWN = _TCP_INFO is not None
+
+
+def input_age(sock: socket.socket) -> float | None:
+    """Seconds since data last arrived on a connected TCP socket, by the kernel's record
+    (None where the OS keeps none, or the socket is gone). Counted in the kernel's ticks, and
+    rounded down to one."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _LAST_DATA_RECV + 4)
+    except OSError:
+        return None
+    if len(info) < _LAST_DATA_RECV + 4:
+        return None
+    return int(struct.unpack_from("I", info, _LAST_DATA_RECV)[0]) / 1000

@@ -76,6 +76,74 @@ def test_idle_timeout_closes_only_after_that_long_without_input() -> None:
     assert session.reason is CloseReason.IDLE_TIMEOUT
 
 
+def engine_echo(session: Session, data: bytes) -> bytes:
+    """What an engine's fast path does with a read while `echoes_raw`: count it, echo it."""
+    assert session.echoes_raw
+    session.echoed_by_engine += len(data)
+    return data
+
+
+def test_reads_the_engine_echoed_count_as_input_at_the_time_the_engine_gives() -> None:
+    session = Session(RAW, 0.0)
+    assert session.next_deadline() == IDLE
+    for _ in range(3):
+        engine_echo(session, b"abc")
+    # The timer fires at the old deadline; the engine says the last input came at 100.
+    assert session.handle_timeout(IDLE, input_at=100.0) == b""
+    assert session.take_commands() == []
+    assert session.next_deadline() == 100.0 + IDLE
+    session.handle_timeout(100.0 + IDLE - 0.001)
+    assert session.state is State.OPEN  # not a moment early
+    session.handle_timeout(100.0 + IDLE)
+    assert session.take_commands()[-1] is Command.CLOSE
+    assert session.reason is CloseReason.IDLE_TIMEOUT
+    assert session.bytes_received == session.bytes_sent == 9
+
+
+def test_without_the_engines_time_reads_it_echoed_count_as_input_when_the_timer_fires() -> None:
+    """Never early: the session cannot know when they came, so it takes the latest time."""
+    session = Session(RAW, 0.0)
+    engine_echo(session, b"x")
+    session.handle_timeout(IDLE)
+    assert session.state is State.OPEN
+    assert session.next_deadline() == 2 * IDLE
+
+
+def test_a_time_given_with_no_new_engine_echo_changes_nothing() -> None:
+    session = Session(RAW, 0.0)
+    engine_echo(session, b"x")
+    session.handle_timeout(IDLE, input_at=50.0)
+    session.handle_timeout(50.0 + IDLE, input_at=60.0)  # no read since: the time is stale
+    assert session.reason is CloseReason.IDLE_TIMEOUT
+
+
+@given(st.lists(st.tuples(st.booleans(), st.binary(min_size=1, max_size=20)), max_size=30))
+def test_engine_echo_and_receive_data_mixed_count_every_byte_once(
+    reads: list[tuple[bool, bytes]],
+) -> None:
+    session = Session(RAW, 0.0)
+    out = b"".join(
+        engine_echo(session, data) if by_engine else session.receive_data(data, 1.0)
+        for by_engine, data in reads
+    )
+    sent = b"".join(data for _, data in reads)
+    assert out == sent
+    assert session.bytes_received == session.bytes_sent == len(sent)
+
+
+def test_only_an_open_raw_echo_lets_the_engine_echo() -> None:
+    assert Session(RAW, 0.0).echoes_raw
+    assert not Session(LINES, 0.0).echoes_raw
+    assert not Session(SessionSettings(reply="confirm"), 0.0).echoes_raw
+    assert not Session(SessionSettings(tls=True), 0.0).echoes_raw  # until the handshake
+    session = Session(RAW, 0.0)
+    session.receive_data(b"", 1.0)
+    assert not session.echoes_raw
+    stopping = Session(RAW, 0.0)
+    stopping.stop(1.0, unread=10)  # what the kernel holds goes the common way
+    assert not stopping.echoes_raw
+
+
 def test_a_timeout_of_zero_is_off() -> None:
     session = Session(SessionSettings(framing="line", idle_timeout=0, line_timeout=0), 0.0)
     feed(session, [b"never ends"])

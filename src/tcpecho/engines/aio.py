@@ -349,6 +349,10 @@ class LoopConnection(Driver, asyncio.Protocol):
     def local_address(self) -> str:
         return net.format_address(self.transport.get_extra_info("sockname"))
 
+    def input_age(self) -> float | None:
+        sock = self.transport.get_extra_info("socket")
+        return None if sock is None else net.input_age(sock)
+
     def unread(self) -> int:
         if self.tls_info:
             # The kernel holds TLS records, whose plain text is shorter by an unknown amount:

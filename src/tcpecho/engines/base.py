@@ -56,6 +56,11 @@ MAX_LOGGED_MESSAGES = 100
 ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How long the accept loop pauses after one of those before it tries again.
 ACCEPT_RETRY_DELAY = 0.1
+# Raw echo skips the session per read (`Driver.echo_fast`) only where the kernel can say when
+# a client last sent (Linux's TCP_INFO), which the idle timeout needs.
+FAST_ECHO = net.INPUT_AGE_KNOWN
+# See `Driver.timer_fired`: one kernel tick at the slowest tick rate Linux has (100 Hz).
+INPUT_AGE_SLACK = 0.01
 # Connections the asyncio engine accepts per readiness event, so a burst cannot starve the
 # connections already open.
 ACCEPT_BATCH = 128
@@ -289,6 +294,10 @@ class Driver:
         self.log_messages = core.log_messages
         self.messages_left = MAX_LOGGED_MESSAGES
         self.admitted = False
+        # True while a read needs nothing of the session but its count (`Session.echoes_raw`)
+        # and nothing is logged: `data_received` then sends it back at once. Set again after
+        # every other call into the session (`_follow_session`).
+        self.echo_fast = False
 
     def admit(self) -> bool:
         """Ask admission; when refused, carry out the refusal and return False."""
@@ -299,11 +308,18 @@ class Driver:
                 # Open at once (no PROXY header, no handshake): no Command.OPEN will come.
                 self.send(self.session.opened(monotonic(), self.connection_info()))
             self.set_timer(self.session.next_deadline())
+            self._follow_session()
             return True
         self.send(self.session.refuse(refusal, monotonic()))
         return False
 
     def data_received(self, data: bytes) -> None:
+        if self.echo_fast and data:
+            # Raw echo: the read is the reply. No clock is read here; a timer that fires asks
+            # the kernel when the client last sent (`input_age`).
+            self.session.echoed_by_engine += len(data)
+            self.write(data)
+            return
         try:
             out = self.receive(data, monotonic())
             # Before the commands: an OPEN among them logs the messages held until then, which
@@ -314,21 +330,31 @@ class Driver:
                 self.send(out)
             elif out:
                 self.write(out)
+            self._follow_session()
         except OSError:
             raise  # the connection's own end: the engine reports it through `lost`
         except Exception as exc:
             self.failed(exc)
 
+    def _follow_session(self) -> None:
+        self.echo_fast = FAST_ECHO and self.session.echoes_raw and not self.log_messages
+
     def failed(self, exc: Exception) -> None:
         """A bug in handling this connection: log it, abort this one, serve the others."""
         self.core.failed(self, exc)
+        self.echo_fast = False
         self.session.reason = CloseReason.INTERNAL_ERROR
         self.session.commands.clear()
         self.abort()
 
     def timer_fired(self) -> None:
         with self.contained():
-            self.send(self.session.handle_timeout(monotonic()))
+            now = monotonic()
+            age = self.input_age() if self.session.echoed_by_engine else None
+            # The kernel counts in its ticks (at least 100 a second) and rounds down: its age
+            # is up to one tick long, so the input is taken as one tick later (never early).
+            input_at = None if age is None else now - age + INPUT_AGE_SLACK
+            self.send(self.session.handle_timeout(now, input_at))
             self.set_timer(self.session.next_deadline())
 
     def writing_blocked(self) -> None:
@@ -361,6 +387,10 @@ class Driver:
         """Bytes the kernel has received on this connection that were not read yet."""
         return 0
 
+    def input_age(self) -> float | None:
+        """Seconds since the client last sent, by the kernel's record (None: unknown)."""
+        return None
+
     def force(self, reason: CloseReason) -> None:
         """Close at once, for ``reason``."""
         self.session.abort(reason)
@@ -376,6 +406,7 @@ class Driver:
 
     def lost(self, exc: BaseException | None, unsent: int = 0) -> None:
         """The connection is gone (``exc``: the error that ended it)."""
+        self.echo_fast = False
         self.session.connection_lost(exc, unsent)
         self.set_timer(None)
         if self.admitted:
@@ -407,6 +438,7 @@ class Driver:
                 self.open()
             else:
                 getattr(self, _ACTIONS[command])()
+        self._follow_session()
 
     def open(self) -> None:
         """The PROXY header, the TLS handshake are done: admit the real client, greet it,

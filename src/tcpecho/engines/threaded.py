@@ -10,7 +10,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import monotonic
 
 from tcpecho import net
@@ -303,14 +303,36 @@ class ThreadConnection(Driver):
             if self._timer_dirty or self._rearm_every_read:
                 self._arm(socket.SO_RCVTIMEO)
             try:
-                data = recv(RECV_SIZE)
+                data = self._echo(recv) if self.echo_fast and not self._tls else recv(RECV_SIZE)
             except self._timed_out:  # SO_RCVTIMEO (TLS: the socket's timeout): the timer fired
                 self.timer_fired()
                 continue
             if data:
                 handle(data)
-            else:
+            elif data is not None:
                 self._input_ended()
+
+    def _echo(self, recv: Callable[[int], bytes]) -> bytes | None:
+        """Raw echo (`echo_fast`), in one loop: each read is sent back from here. Returns the
+        end of input (b""), or None after a send that blocked (the session has been told).
+
+        Nothing in here changes the session's state or the timer: only another call into the
+        session does, and `_send_blocked` is the only one. The timer (``SO_RCVTIMEO``) counts
+        from the start of each read, which is what the idle timeout measures.
+        """
+        send, session = self._send, self.session
+        while True:
+            data = recv(RECV_SIZE)
+            if not data:
+                return data
+            session.echoed_by_engine += len(data)
+            try:
+                sent = send(data, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                self._send_blocked(memoryview(data)[sent:])
+                return None
 
     def _input_ended(self) -> None:
         """recv returned b"": the client's end, or the server shutting our read side."""
@@ -403,6 +425,9 @@ class ThreadConnection(Driver):
 
     def local_address(self) -> str:
         return net.format_address(self.sock.getsockname())
+
+    def input_age(self) -> float | None:
+        return net.input_age(self.sock)
 
     def pause_reading(self) -> None:
         pass  # this thread is blocked in send: it reads again only when the send is done

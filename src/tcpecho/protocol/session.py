@@ -53,7 +53,11 @@ Leaving them for OPEN, the session asks for `Command.OPEN`: the driver then admi
 on its real address and calls `opened`, which answers what was held (and the greeting).
 
 Raw echo stays fast: while OPEN in raw framing, `receive_data` builds nothing per read and
-returns the very bytes it was given.
+returns the very bytes it was given. Faster still, while `echoes_raw` is true a read changes
+nothing but the byte count and the idle clock, so an engine may skip the session altogether:
+send the bytes back itself and add their count to ``echoed_by_engine``. It then gives
+`handle_timeout` the time of the client's last input from its own record (the kernel keeps one
+per TCP socket), and the session reads no clock per read.
 """
 
 from __future__ import annotations
@@ -247,6 +251,10 @@ class Session:
         self._fast = settings.framing == "raw"
         self._echo_raw = self._fast and settings.reply == "echo"
         self._echoed_raw = 0  # bytes received and echoed while _echo_raw
+        # Bytes the engine received and echoed itself (see `echoes_raw`), and how many of them
+        # the idle clock has accounted for.
+        self.echoed_by_engine = 0
+        self._echoed_by_engine_seen = 0
         self._last_raw: bytes | None = None  # the last read, when it took that path
         self._lines = settings.framing == "line"
         self._last_input = now  # when the idle clock last started
@@ -336,9 +344,18 @@ class Session:
         header = self.proxy_header
         return None if header is None else header.source
 
-    def handle_timeout(self, now: float) -> bytes:
-        """The engine's timer fired. Returns bytes to send; deadlines not yet due are kept."""
+    def handle_timeout(self, now: float, input_at: float | None = None) -> bytes:
+        """The engine's timer fired. Returns bytes to send; deadlines not yet due are kept.
+
+        ``input_at``: when the client last sent, by the engine's record, for the reads it
+        echoed itself (`echoes_raw`). Without it those reads count as input now: never early,
+        but a connection idle since then is closed up to one idle timeout late.
+        """
         self._announced = None
+        if self.echoed_by_engine != self._echoed_by_engine_seen:
+            self._echoed_by_engine_seen = self.echoed_by_engine
+            seen = now if input_at is None else min(input_at, now)
+            self._last_input = max(self._last_input, seen)
         state = self.state
         blocked_since = self._blocked_since
         if state is State.CLOSED:
@@ -436,6 +453,13 @@ class Session:
 
     # What the engine reads.
 
+    @property
+    def echoes_raw(self) -> bool:
+        """A read's reply is the read itself, and it changes nothing else but the counts and
+        the idle clock (open, raw framing, echo, not stopping): the engine may echo it itself
+        and add its length to ``echoed_by_engine``. Read it again after every other call."""
+        return self._echo_raw
+
     def take_commands(self) -> list[Command]:
         commands = self.commands[:]
         self.commands.clear()
@@ -454,11 +478,12 @@ class Session:
 
     @property
     def bytes_received(self) -> int:
-        return self._conn.bytes_received + self._echoed_raw
+        return self._conn.bytes_received + self._echoed_raw + self.echoed_by_engine
 
     @property
     def bytes_sent(self) -> int:
-        return self._conn.bytes_replied + self._echoed_raw + self._extra_sent
+        echoed = self._echoed_raw + self.echoed_by_engine
+        return self._conn.bytes_replied + echoed + self._extra_sent
 
     @property
     def bytes_discarded(self) -> int:

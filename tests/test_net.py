@@ -1,0 +1,61 @@
+"""What `tcpecho.net` reads from the kernel about a connection, on real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tcpecho import net
+from tests.helpers import recv_exactly
+
+pytestmark = pytest.mark.skipif(not net.INPUT_AGE_KNOWN, reason="no TCP_INFO on this OS")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A client and the server's end of its connection, over loopback on a port the OS picks."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    with client, server:
+        yield client, server
+
+
+def test_input_age_counts_from_the_last_data_that_arrived(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    client, server = pair
+    client.sendall(b"first")
+    assert recv_exactly(server, 5) == b"first"
+    time.sleep(0.3)
+    sent = time.monotonic()
+    client.sendall(b"second")
+    assert recv_exactly(server, 6) == b"second"
+    time.sleep(0.2)
+    age = net.input_age(server)
+    assert age is not None
+    # Counted in the kernel's ticks (4 ms at 250 Hz) and rounded down.
+    assert 0.2 - 0.011 <= age <= time.monotonic() - sent + 0.001
+
+
+def test_input_age_is_not_moved_by_what_the_server_sends(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    client, server = pair
+    client.sendall(b"x")
+    assert recv_exactly(server, 1) == b"x"
+    time.sleep(0.2)
+    server.sendall(b"reply")
+    assert recv_exactly(client, 5) == b"reply"
+    age = net.input_age(server)
+    assert age is not None
+    assert age >= 0.19
+
+
+def test_input_age_of_a_closed_socket_is_unknown() -> None:
+    sock = socket.socket()
+    sock.close()
+    assert net.input_age(sock) is None
