@@ -306,7 +306,7 @@ class LoopConnection(Driver, asyncio.Protocol):
                 sock.recv(used)  # all there: peeked
 
     def eof_received(self) -> bool:
-        self.data_received(b"")
+        self.input_ended()
         # The session says when to close; a TLS transport closes at the client's end anyway
         # (after what is queued), and warns when told otherwise.
         return not self.tls_info

@@ -314,12 +314,24 @@ class Driver:
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self.echo_fast and data:
+        """Bytes read (never empty: the end of input is `input_ended`)."""
+        if self.echo_fast:
             # Raw echo: the read is the reply. No clock is read here; a timer that fires asks
-            # the kernel when the client last sent (`input_age`).
-            self.session.echoed_by_engine += len(data)
-            self.write(data)
+            # the kernel when the client last sent (`input_age`). Written for CPython's
+            # specialising interpreter: ``self.write(data)`` would look ``write`` up on the
+            # class before the instance, on every read.
+            session = self.session
+            session.echoed_by_engine += len(data)
+            write = self.write
+            write(data)
             return
+        self._receive(data)
+
+    def input_ended(self) -> None:
+        """The client finished sending."""
+        self._receive(b"")
+
+    def _receive(self, data: bytes) -> None:
         try:
             out = self.receive(data, monotonic())
             # Before the commands: an OPEN among them logs the messages held until then, which

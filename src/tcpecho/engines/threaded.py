@@ -271,7 +271,7 @@ class ThreadConnection(Driver):
                 self.timer_fired()
                 continue
             if not peeked:
-                self.data_received(b"")
+                self.input_ended()
                 continue
             with self.contained():
                 used = self.session.header_peeked(peeked, monotonic())
@@ -310,7 +310,7 @@ class ThreadConnection(Driver):
             if data:
                 handle(data)
             elif data is not None:
-                self._input_ended()
+                self._recv_ended()
 
     def _echo(self, recv: Callable[[int], bytes]) -> bytes | None:
         """Raw echo (`echo_fast`), in one loop: each read is sent back from here. Returns the
@@ -334,7 +334,7 @@ class ThreadConnection(Driver):
                 self._send_blocked(memoryview(data)[sent:])
                 return None
 
-    def _input_ended(self) -> None:
+    def _recv_ended(self) -> None:
         """recv returned b"": the client's end, or the server shutting our read side."""
         if self._forced is not None:
             super().force(self._forced)
@@ -343,9 +343,9 @@ class ThreadConnection(Driver):
             if pending:
                 self.data_received(pending)
             self.stop()
-            self.data_received(b"")  # the read side is shut: nothing more will come
+            self.input_ended()  # the read side is shut: nothing more will come
         else:
-            self.data_received(b"")
+            self.input_ended()
 
     def wake_to_stop(self) -> None:
         """From the accept thread: wake this connection's thread to drain."""
