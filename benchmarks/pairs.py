@@ -1,0 +1,136 @@
+"""CPU per round trip of one server ÷ another, side by side, in many short alternating pairs.
+
+Both servers run at once, pinned to CPU 0, and ``tcpecho bench`` (on CPU 1) drives them in
+turn in short runs: A B, B A, A B, ... (ABBA, so that a drift of the machine favours neither).
+Each neighbouring pair gives one ratio of the servers' CPU time per round trip; the table gives
+the median ratio and its quartiles. On a machine whose speed wanders (a shared VM), many short
+pairs settle a ratio to a few percent where a few long runs of `compare.py` scatter by ±15 %.
+
+Servers are named as in `compare.py` (``tcpecho uvloop``, ``uvloop Protocol``, ``tcpecho
+threads``, ``socketserver``, ...; ``NAME +metrics`` for a tcpecho variant with ``--metrics``;
+``before: NAME`` with ``--before PATH``):
+
+    python benchmarks/pairs.py "tcpecho uvloop" "uvloop Protocol" [--pairs 20] [--duration 1]
+        [--scenarios 1x64,50x64,50x4096,10x65536,50x64x8] [--before PATH]
+    python benchmarks/pairs.py "tcpecho threads" socketserver "tcpecho uvloop" "uvloop Protocol"
+
+A name may be followed by more options for that server, which then runs with them:
+``"tcpecho uvloop --idle-timeout 0"``. Several A B pairs may be given in one command: each is
+measured in turn. Needs tcpecho[bench]
+(and the extras the servers need) and taskset; it prints one line per pair to stderr, then
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+
+from compare import (  # benchmarks/, the script's own directory, is first on sys.path
+    ROOT,
+    SCENARIOS,
+    SETTLE_S,
+    Scenario,
+    Server,
+    bench,
+    cpu_time,
+    label,
+    machine,
+    parse_scenarios,
+    revision,
+    running,
+    servers,
+)
+
+
+def measured(port: int, pid: int, scenario: Scenario, duration: float) -> float:
+    """One run: the server's CPU µs per round trip."""
+    time.sleep(SETTLE_S)
+    start = cpu_time(pid)
+    report = bench(port, scenario, duration)
+    cpu = cpu_time(pid).clock - start.clock
+    if not report["ok"] or not report["round_trips"]:
+        raise RuntimeError(f"bench failed: {report}")
+    return float(cpu / report["round_trips"] * 1e6)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, median, high
+
+
+def compare_pair(
+    a: Server, b: Server, scenario: Scenario, pairs: int, duration: float, warmup: float
+) -> tuple[list[float], list[float], list[float]]:
+    """CPU µs/rt of ``a`` and of ``b`` in every run, and a ÷ b of every pair."""
+    with ExitStack() as stack:
+        ports = {"a": stack.enter_context(running(a)), "b": stack.enter_context(running(b))}
+        for port, _ in ports.values():
+            bench(port, scenario, warmup)
+        cpu: dict[str, list[float]] = {"a": [], "b": []}
+        ratios = []
+        for pair in range(pairs):
+            run = {}
+            for side in ("a", "b") if pair % 2 == 0 else ("b", "a"):
+                port, pid = ports[side]
+                run[side] = measured(port, pid, scenario, duration)
+                cpu[side].append(run[side])
+            ratios.append(run["a"] / run["b"])
+            print(
+                f"{a.name} ÷ {b.name}, {label(scenario)}, pair {pair + 1}: "
+                f"{run['a']:.2f} ÷ {run['b']:.2f} CPU µs/rt = {ratios[-1]:.3f}",
+                file=sys.stderr,
+            )
+    return cpu["a"], cpu["b"], ratios
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="+", help="A B [A B ...]: servers named as in compare.py")
+    parser.add_argument("--pairs", type=int, default=20, help="A/B pairs per scenario")
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds a run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up, each")
+    parser.add_argument("--scenarios", type=parse_scenarios, default=SCENARIOS)
+    parser.add_argument("--before", type=Path, help="another checkout, for 'before: NAME'")
+    args = parser.parse_args()
+    if len(args.names) % 2:
+        parser.error("give servers in pairs: A B [A B ...]")
+    known = {server.name: server for server in servers(None, args.before, metrics=True)}
+    for name in args.names:
+        if name not in known:
+            base = max((k for k in known if name.startswith(k + " -")), key=len, default=None)
+            if base is None:
+                parser.error(f"unknown server {name!r}; known: {', '.join(known)}")
+            server = known[base]
+            extra = shlex.split(name[len(base) :])
+            known[name] = Server(name, [*server.command, *extra], server.pinned)
+    rows = []
+    for a_name, b_name in zip(args.names[::2], args.names[1::2], strict=True):
+        for scenario in args.scenarios:
+            a_cpu, b_cpu, ratios = compare_pair(
+                known[a_name], known[b_name], scenario, args.pairs, args.duration, args.warmup
+            )
+            low, median, high = quartiles(ratios)
+            rows.append(
+                f"| {a_name} ÷ {b_name} | {label(scenario)} | {statistics.median(a_cpu):.2f} | "
+                f"{statistics.median(b_cpu):.2f} | **{median:.3f}** ({low:.3f}–{high:.3f}) |"
+            )
+    print(
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; tcpecho "
+        f"{revision(ROOT)}; {args.pairs} pairs of {args.duration:g} s runs per case, "
+        "alternating ABBA; servers on CPU 0, load on CPU 1.\n"
+    )
+    print("| A ÷ B | scenario | A: CPU µs/rt | B: CPU µs/rt | A ÷ B, median (quartiles) |")
+    print("|---|---|---:|---:|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
