@@ -19,45 +19,26 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
 
 from compare import (  # benchmarks/, the script's own directory, is first on sys.path
     ROOT,
-    SETTLE_S,
-    Scenario,
     Server,
     bench,
-    cpu_time,
     label,
     machine,
     parse_scenarios,
     revision,
     running,
 )
+from pairs import measured, quartiles
 
 ENGINES = {
     "threads": ["--engine", "threads"],
     "asyncio": ["--engine", "asyncio", "--loop", "asyncio"],
     "uvloop": ["--engine", "asyncio", "--loop", "uvloop"],
 }
-
-
-def measured(port: int, pid: int, scenario: Scenario, duration: float) -> float:
-    """One run: the server's CPU µs per round trip."""
-    time.sleep(SETTLE_S)
-    start = cpu_time(pid)
-    report = bench(port, scenario, duration)
-    cpu = cpu_time(pid).clock - start.clock
-    if not report["ok"] or not report["round_trips"]:
-        raise RuntimeError(f"bench failed: {report}")
-    return float(cpu / report["round_trips"] * 1e6)
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
-    return low, median, high
 
 
 def main() -> int:
