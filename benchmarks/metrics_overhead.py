@@ -20,19 +20,16 @@ import argparse
 import statistics
 import sys
 from contextlib import ExitStack
-from datetime import UTC, datetime
 
 from compare import (  # benchmarks/, the script's own directory, is first on sys.path
     ROOT,
     Server,
     bench,
     label,
-    machine,
     parse_scenarios,
-    revision,
     running,
 )
-from pairs import measured, quartiles
+from pairs import measured, print_table, quartiles
 
 ENGINES = {
     "threads": ["--engine", "threads"],
@@ -83,14 +80,8 @@ def main() -> int:
                 f"{statistics.median(cpu['on']):.2f} | **{median:.3f}** "
                 f"({low:.3f}–{high:.3f}) |"
             )
-    print(
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; tcpecho "
-        f"{revision(ROOT)}; {args.pairs} pairs of {args.duration:g} s runs per case, "
-        "alternating ABBA; servers on CPU 0, load on CPU 1.\n"
-    )
-    print("| engine | scenario | off: CPU µs/rt | on: CPU µs/rt | on ÷ off, median (quartiles) |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
+    header = "| engine | scenario | off: CPU µs/rt | on: CPU µs/rt | on ÷ off, median (quartiles) |"
+    print_table(header, rows, args.pairs, args.duration)
     return 0
 
 

@@ -121,15 +121,21 @@ def main() -> int:
                 f"| {a_name} ÷ {b_name} | {label(scenario)} | {statistics.median(a_cpu):.2f} | "
                 f"{statistics.median(b_cpu):.2f} | **{median:.3f}** ({low:.3f}–{high:.3f}) |"
             )
+    header = "| A ÷ B | scenario | A: CPU µs/rt | B: CPU µs/rt | A ÷ B, median (quartiles) |"
+    print_table(header, rows, args.pairs, args.duration)
+    return 0
+
+
+def print_table(header: str, rows: list[str], pairs: int, duration: float) -> None:
+    """The Markdown table, after a line saying when, where and how it was measured."""
     print(
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; tcpecho "
-        f"{revision(ROOT)}; {args.pairs} pairs of {args.duration:g} s runs per case, "
+        f"{revision(ROOT)}; {pairs} pairs of {duration:g} s runs per case, "
         "alternating ABBA; servers on CPU 0, load on CPU 1.\n"
     )
-    print("| A ÷ B | scenario | A: CPU µs/rt | B: CPU µs/rt | A ÷ B, median (quartiles) |")
+    print(header)
     print("|---|---|---:|---:|---|")
     print("\n".join(rows))
-    return 0
 
 
 if __name__ == "__main__":

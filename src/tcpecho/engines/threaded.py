@@ -493,14 +493,9 @@ def _read_pending(sock: socket.socket) -> bytes:
         # before the stop has been read, and what comes after it is not answered.
         return b""
     chunks = []
-    while True:
-        try:
-            chunk = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-        except OSError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
+    with contextlib.suppress(OSError):  # BlockingIOError: nothing more queued
+        while chunk := sock.recv(RECV_SIZE, socket.MSG_DONTWAIT):
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
