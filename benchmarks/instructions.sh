@@ -8,8 +8,8 @@
 #
 # Run it at two N and take the difference over the extra round trips: that leaves out the
 # fixed cost of opening and closing the connections. Prints one line: Ir/rt and the totals.
-# Needs valgrind and the venv (scripts/test makes it). SIZE and C set the message size and
-# the number of connections (default 64 B, 50).
+# Needs valgrind and the venv (scripts/test makes it). SIZE, C and P set the message size, the
+# number of connections and the messages in flight on each (default 64 B, 50, 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 script=$1
@@ -17,6 +17,7 @@ shift
 N=${N:-20000}
 SIZE=${SIZE:-64}
 C=${C:-50}
+P=${P:-1}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.out" \
@@ -27,7 +28,7 @@ port=$(head -1 "$work/server.log" | grep -o '[0-9]*$')
 # A warm-up outside the count, then the counted run.
 .venv/bin/tcpecho bench "127.0.0.1:$port" -c "$C" -s "$SIZE" -n 2000 --warmup 0 --timeout 60 >/dev/null
 callgrind_control -i on "$server" >/dev/null
-.venv/bin/tcpecho bench "127.0.0.1:$port" -c "$C" -s "$SIZE" -n "$N" --warmup 0 --timeout 60 \
+.venv/bin/tcpecho bench "127.0.0.1:$port" -c "$C" -s "$SIZE" -p "$P" -n "$N" --warmup 0 --timeout 60 \
     --json >"$work/bench.json"
 callgrind_control -i off "$server" >/dev/null
 kill -INT "$server"
@@ -35,4 +36,4 @@ wait "$server" || true
 rt=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['round_trips'])" "$work/bench.json")
 # awk reads to the end: grep -m1 would close the pipe early, and pipefail would end the script.
 ir=$(callgrind_annotate "$work/cg.out" | awk '/PROGRAM TOTALS/ && !n++ {gsub(",", "", $1); print $1}')
-echo "$script $* size=$SIZE connections=$C round_trips=$rt Ir=$ir Ir/rt=$((ir / rt))"
+echo "$script $* size=$SIZE connections=$C pipeline=$P round_trips=$rt Ir=$ir Ir/rt=$((ir / rt))"

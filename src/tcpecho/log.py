@@ -113,6 +113,10 @@ def _event_name(tag: str) -> str:
 
 def configure(level: LogLevel, fmt: LogFormat, stream: TextIO | None = None) -> None:
     """Send tcpecho's log to ``stream`` (stdout, like the seed's prints) in the chosen format."""
+    # Our formatters use none of the caller's file and line, thread or process: skip finding
+    # them for every record (the logging HOWTO's "Optimization"), a quarter of a line's cost.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     logger = logging.getLogger("tcpecho")
