@@ -325,13 +325,14 @@ class Driver:
             write = self.write
             write(data)
             return
-        self._receive(data)
+        self.feed(data)
 
     def input_ended(self) -> None:
         """The client finished sending."""
-        self._receive(b"")
+        self.feed(b"")
 
-    def _receive(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> None:
+        """A read (or the end of input: b""), through the session."""
         try:
             out = self.receive(data, monotonic())
             # Before the commands: an OPEN among them logs the messages held until then, which
