@@ -28,6 +28,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,11 +50,13 @@ from compare import (  # benchmarks/, the script's own directory, is first on sy
 )
 
 
-def measured(port: int, pid: int, scenario: Scenario, duration: float) -> float:
-    """One run: the server's CPU µs per round trip."""
+def measured(
+    port: int, pid: int, scenario: Scenario, duration: float, extra: Sequence[str] = ()
+) -> float:
+    """One run: the server's CPU µs per round trip (``extra``: more options of bench's)."""
     time.sleep(SETTLE_S)
     start = cpu_time(pid)
-    report = bench(port, scenario, duration)
+    report = bench(port, scenario, duration, extra)
     cpu = cpu_time(pid).clock - start.clock
     if not report["ok"] or not report["round_trips"]:
         raise RuntimeError(f"bench failed: {report}")
@@ -66,20 +69,26 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def compare_pair(
-    a: Server, b: Server, scenario: Scenario, pairs: int, duration: float, warmup: float
+    a: Server,
+    b: Server,
+    scenario: Scenario,
+    pairs: int,
+    duration: float,
+    warmup: float,
+    extra: Sequence[str] = (),
 ) -> tuple[list[float], list[float], list[float]]:
     """CPU µs/rt of ``a`` and of ``b`` in every run, and a ÷ b of every pair."""
     with ExitStack() as stack:
         ports = {"a": stack.enter_context(running(a)), "b": stack.enter_context(running(b))}
         for port, _ in ports.values():
-            bench(port, scenario, warmup)
+            bench(port, scenario, warmup, extra)
         cpu: dict[str, list[float]] = {"a": [], "b": []}
         ratios = []
         for pair in range(pairs):
             run = {}
             for side in ("a", "b") if pair % 2 == 0 else ("b", "a"):
                 port, pid = ports[side]
-                run[side] = measured(port, pid, scenario, duration)
+                run[side] = measured(port, pid, scenario, duration, extra)
                 cpu[side].append(run[side])
             ratios.append(run["a"] / run["b"])
             print(
@@ -98,6 +107,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up, each")
     parser.add_argument("--scenarios", type=parse_scenarios, default=SCENARIOS)
     parser.add_argument("--before", type=Path, help="another checkout, for 'before: NAME'")
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="a new connection for every round trip (bench --reconnect): CPU per connection",
+    )
     args = parser.parse_args()
     if len(args.names) % 2:
         parser.error("give servers in pairs: A B [A B ...]")
@@ -114,7 +128,13 @@ def main() -> int:
     for a_name, b_name in zip(args.names[::2], args.names[1::2], strict=True):
         for scenario in args.scenarios:
             a_cpu, b_cpu, ratios = compare_pair(
-                known[a_name], known[b_name], scenario, args.pairs, args.duration, args.warmup
+                known[a_name],
+                known[b_name],
+                scenario,
+                args.pairs,
+                args.duration,
+                args.warmup,
+                ["--reconnect"] if args.reconnect else [],
             )
             low, median, high = quartiles(ratios)
             rows.append(
