@@ -2,7 +2,7 @@
 
 For each engine, two servers run at once, the same but for ``--metrics 127.0.0.1:0``, both
 pinned to CPU 0, and ``tcpecho bench`` (on CPU 1) drives them in turn, in short runs:
-off, on, on, off, off, on, ... (ABBA, so that a drift of the machine favours neither). Each
+on, off, off, on, on, off, ... (ABBA, so that a drift of the machine favours neither). Each
 pair of neighbouring runs gives one ratio of the servers' CPU time per round trip; the table
 gives the median ratio with its quartiles, over many pairs. Short alternating runs on servers
 that stay up make the ratio robust to a machine whose speed wanders (other work on it), which
@@ -19,17 +19,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from contextlib import ExitStack
 
-from compare import (  # benchmarks/, the script's own directory, is first on sys.path
-    ROOT,
-    Server,
-    bench,
-    label,
-    parse_scenarios,
-    running,
-)
-from pairs import measured, print_table, quartiles
+from compare import ROOT, Server, label, parse_scenarios  # benchmarks/ is first on sys.path
+from pairs import compare_pair, print_table, quartiles
 
 ENGINES = {
     "threads": ["--engine", "threads"],
@@ -54,30 +46,13 @@ def main() -> int:
         off = Server(f"{engine}", [py, str(ROOT / "tcp_server.py"), *flags])
         on = Server(f"{engine} +metrics", [*off.command, "--metrics", "127.0.0.1:0"])
         for scenario in args.scenarios:
-            with ExitStack() as stack:
-                servers = {"off": stack.enter_context(running(off))}
-                servers["on"] = stack.enter_context(running(on))
-                for port, _ in servers.values():
-                    bench(port, scenario, args.warmup)
-                ratios, cpu = [], {"off": [], "on": []}
-                for pair in range(args.pairs):
-                    order = ("off", "on") if pair % 2 == 0 else ("on", "off")
-                    run = {}
-                    for side in order:
-                        port, pid = servers[side]
-                        run[side] = measured(port, pid, scenario, args.duration)
-                        cpu[side].append(run[side])
-                    ratios.append(run["on"] / run["off"])
-                    print(
-                        f"{engine:>8} {label(scenario):>20} pair {pair + 1:>2}: "
-                        f"off {run['off']:.2f}, on {run['on']:.2f} CPU µs/rt, "
-                        f"ratio {ratios[-1]:.3f}",
-                        file=sys.stderr,
-                    )
+            on_cpu, off_cpu, ratios = compare_pair(
+                on, off, scenario, args.pairs, args.duration, args.warmup
+            )
             low, median, high = quartiles(ratios)
             rows.append(
-                f"| {engine} | {label(scenario)} | {statistics.median(cpu['off']):.2f} | "
-                f"{statistics.median(cpu['on']):.2f} | **{median:.3f}** "
+                f"| {engine} | {label(scenario)} | {statistics.median(off_cpu):.2f} | "
+                f"{statistics.median(on_cpu):.2f} | **{median:.3f}** "
                 f"({low:.3f}–{high:.3f}) |"
             )
     header = "| engine | scenario | off: CPU µs/rt | on: CPU µs/rt | on ÷ off, median (quartiles) |"

@@ -317,13 +317,10 @@ class Driver:
         """Bytes read (never empty: the end of input is `input_ended`)."""
         if self.echo_fast:
             # Raw echo: the read is the reply. No clock is read here; a timer that fires asks
-            # the kernel when the client last sent (`input_age`). Written for CPython's
-            # specialising interpreter: ``self.write(data)`` would look ``write`` up on the
-            # class before the instance, on every read.
-            session = self.session
-            session.echoed_by_engine += len(data)
-            write = self.write
-            write(data)
+            # the kernel when the client last sent (`input_age`). (The asyncio engine has its
+            # own copy of these lines, which writes through the transport.)
+            self.session.echoed_by_engine += len(data)
+            self.write(data)
             return
         self.feed(data)
 
