@@ -184,10 +184,15 @@ def unsent_bytes(fd: int) -> int:
 
 
 # struct tcp_info (linux/tcp.h): tcpi_last_data_recv, milliseconds since data last arrived, is
-# the 12th 32-bit field after 8 bytes of 8-bit ones.
+# the 12th 32-bit field after 8 bytes of 8-bit ones; tcpi_bytes_received (Linux 4.1), the bytes
+# received in order (a FIN counts one), the fourth 64-bit field after 24 32-bit ones.
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _LAST_DATA_RECV = 8 + 11 * 4
+_BYTES_RECEIVED = 8 + 24 * 4 + 3 * 8
 INPUT_AGE_KNOWN = _TCP_INFO is not None
+# TCP states (linux/tcp_states.h) a connection is in once the client's FIN has arrived:
+# TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING.
+_FIN_RECEIVED = frozenset({6, 8, 9, 11})
 
 
 def input_age(sock: socket.socket) -> float | None:
@@ -203,3 +208,33 @@ def input_age(sock: socket.socket) -> float | None:
     if len(info) < _LAST_DATA_RECV + 4:
         return None
     return int(struct.unpack_from("I", info, _LAST_DATA_RECV)[0]) / 1000
+
+
+def bytes_read(sock: socket.socket, *, ended: bool = False) -> int:
+    """Bytes the process has read from a connected TCP socket so far, by the kernel's count.
+
+    The bytes received less those still queued, read until both counts agree (data that
+    arrives in between changes both; nobody reads meanwhile, so this ends at the latest when the
+    receive queue is full). The kernel counts the client's FIN as a byte: ``ended`` says that a
+    read found it (the end of input); else the TCP state says whether it arrived. Exact but in
+    one case: a client that sent its FIN and then a reset, before the FIN was read, is counted
+    one byte more (after a reset the state no longer tells). Raises OSError, also where the OS
+    keeps no such count.
+    """
+    if _TCP_INFO is None:
+        raise OSError(errno.ENOPROTOOPT, "the OS does not count the bytes a socket received")
+    fd = sock.fileno()
+    while True:
+        before = _received(sock)
+        unread = unread_bytes(fd)
+        if _received(sock) == before:
+            state, received = before
+            return received - unread - (ended or state in _FIN_RECEIVED)
+
+
+def _received(sock: socket.socket) -> tuple[int, int]:
+    """The TCP state and tcpi_bytes_received."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO or 0, _BYTES_RECEIVED + 8)
+    if len(info) < _BYTES_RECEIVED + 8:
+        raise OSError(errno.ENOPROTOOPT, "the kernel does not count the bytes a socket received")
+    return info[0], int(struct.unpack_from("Q", info, _BYTES_RECEIVED)[0])

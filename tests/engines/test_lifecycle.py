@@ -4,6 +4,7 @@ sees them and as the server's events tell them."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -308,3 +309,73 @@ def test_a_bug_in_one_connection_closes_it_alone_with_one_log_line(
     reasons = closed_reasons(observed, 2)
     assert reasons.count(CloseReason.INTERNAL_ERROR) == 1
     assert reasons.count(CloseReason.CLIENT_CLOSED) == 1
+
+
+# Reads of many sizes, each echoed before the next is sent: 71,206 bytes in all.
+CHUNKS = [b"a", b"b" * 100, bytes(range(256)) * 20, b"c" * 65536]
+ECHOED = sum(map(len, CHUNKS))
+
+
+def send_chunks(sock: socket.socket) -> None:
+    for chunk in CHUNKS:
+        sock.sendall(chunk)
+        assert recv_exactly(sock, len(chunk)) == chunk
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0) instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def end_by_closing(observed: Observed, sock: socket.socket) -> None:
+    sock.shutdown(socket.SHUT_WR)
+    assert recv_until_closed(sock) == b""
+
+
+def end_by_resetting(observed: Observed, sock: socket.socket) -> None:
+    reset(sock)
+
+
+def end_by_closing_then_resetting(observed: Observed, sock: socket.socket) -> None:
+    sock.shutdown(socket.SHUT_WR)
+    reset(sock)
+
+
+def end_by_falling_idle(observed: Observed, sock: socket.socket) -> None:
+    assert recv_until_closed(sock) == b""
+
+
+def end_by_stopping(observed: Observed, sock: socket.socket) -> None:
+    stopper = threading.Thread(target=observed.server.stop)
+    stopper.start()
+    assert recv_until_closed(sock) == b""
+    stopper.join(10)
+
+
+@pytest.mark.parametrize(
+    ("end", "reasons"),
+    [
+        (end_by_closing, {CloseReason.CLIENT_CLOSED}),
+        (end_by_resetting, {CloseReason.CLIENT_RESET}),
+        (end_by_closing_then_resetting, {CloseReason.CLIENT_CLOSED, CloseReason.CLIENT_RESET}),
+        (end_by_falling_idle, {CloseReason.IDLE_TIMEOUT}),
+        (end_by_stopping, {CloseReason.SERVER_STOPPING}),
+    ],
+    ids=["closed", "reset", "closed-then-reset", "idle", "server-stopping"],
+)
+def test_quiet_raw_echo_counts_every_byte_however_the_connection_ends(
+    observe: Start, end: Callable[[Observed, socket.socket], None], reasons: set[CloseReason]
+) -> None:
+    """Quiet raw echo is the engines' fast path, where a read can bypass the session (and, on
+    the asyncio engine, Python: the kernel counts): the close still reports every byte."""
+    observed = observe(quiet=True, idle_timeout=0.5)
+    sock = connect(observed.address)
+    try:
+        send_chunks(sock)
+        end(observed, sock)
+    finally:
+        sock.close()
+    [closed] = observed.wait_for(Closed)
+    assert closed.reason in reasons
+    assert (closed.bytes_received, closed.bytes_sent) == (ECHOED, ECHOED)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
+import resource
 import socket
 import ssl
 from collections.abc import Callable, Iterable
@@ -31,6 +33,11 @@ from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
 from tcpecho.protocol import MAX_V2_LENGTH
 from tcpecho.protocol.session import State
+
+# Descriptors kept free for everything but the connections' own (listeners, the loop's, log
+# files, the metrics server, refused clients still closing) when direct echo counts whether
+# each connection can have a second one.
+DESCRIPTOR_RESERVE = 64
 
 
 def load_uvloop(choice: LoopName) -> ModuleType | None:
@@ -212,6 +219,14 @@ class AsyncioEngine:
                 loop.remove_reader(sock.fileno())
                 sock.close()
 
+    def descriptors_to_spare(self) -> bool:
+        """Is there room for direct echo's second descriptor (see `LoopConnection`) on every
+        connection? Two a connection at ``--max-connections``, and a reserve for the rest, within
+        the soft RLIMIT_NOFILE, read each time: it can be changed from outside (prlimit)."""
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        needed = 2 * self.config.max_connections + DESCRIPTOR_RESERVE
+        return limit == resource.RLIM_INFINITY or limit >= needed
+
     def connection_ended(self) -> None:
         if self.core.stopping and not self.core.drivers and self._all_closed is not None:
             self._all_closed.set()
@@ -226,7 +241,17 @@ class AsyncioEngine:
 class LoopConnection(Driver, asyncio.Protocol):
     """One connection: the transport's callbacks fed to the `Driver`, its commands carried out
     on the transport, and the one timer a `TimerHandle`. As a plain Protocol, the loop calls
-    `Driver.data_received` with each read."""
+    `data_received` with each read.
+
+    Direct echo: while the driver may echo a read without the session (`Driver.echo_fast`) on a
+    plain TCP transport, ``data_received`` is the transport's own ``write`` (an attribute that
+    hides the method; uvloop is told with ``set_protocol``, as it keeps the method it was
+    given): the loop hands each read straight back, and no Python runs per read. The kernel
+    counts those bytes instead: `count_echoed` asks it (`net.bytes_read`) through a duplicate
+    of the socket, which still answers after the loop has closed its own after an error. That
+    is a second descriptor a connection, so direct echo waits for room for it
+    (`AsyncioEngine.descriptors_to_spare`); without, raw echo takes the Python fast path.
+    """
 
     transport: asyncio.Transport  # set by connection_made, before any other call
 
@@ -236,6 +261,9 @@ class LoopConnection(Driver, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._unsent = 0
+        self._counter: socket.socket | None = None  # while direct: the socket's duplicate
+        self._read_before_direct = 0  # the kernel's count of bytes read, when direct began
+        self._input_ended = False  # a read found the client's FIN
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but offer the same methods.
@@ -307,7 +335,7 @@ class LoopConnection(Driver, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # `Driver.data_received`, with the write looked up on the transport (as CPython's
-        # interpreter likes it best: the loop calls this for every read).
+        # interpreter likes it best: the loop calls this for every read). Direct echo hides it.
         if self.echo_fast:
             self.session.echoed_by_engine += len(data)
             self.transport.write(data)
@@ -315,6 +343,7 @@ class LoopConnection(Driver, asyncio.Protocol):
         self.feed(data)
 
     def eof_received(self) -> bool:
+        self._input_ended = True
         self.input_ended()
         # The session says when to close; a TLS transport closes at the client's end anyway
         # (after what is queued), and warns when told otherwise.
@@ -330,6 +359,45 @@ class LoopConnection(Driver, asyncio.Protocol):
         self.engine.live.discard(self)
         self.lost(exc, self._unsent)
         self.engine.connection_ended()
+
+    def _follow_session(self) -> None:
+        super()._follow_session()
+        if (
+            self.echo_fast
+            and self._counter is None
+            and not self.tls_info
+            and self.engine.descriptors_to_spare()
+        ):
+            self._echo_direct()
+
+    def _echo_direct(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or self.transport.is_closing():
+            return
+        try:
+            counter = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return  # out of descriptors: the Python fast path does as well
+        try:
+            self._read_before_direct = net.bytes_read(counter)
+        except OSError:
+            counter.close()
+            return
+        self._counter = counter
+        self.__dict__["data_received"] = self.transport.write
+        self.transport.set_protocol(self)
+
+    def count_echoed(self) -> None:
+        counter = self._counter
+        if counter is None:
+            return
+        self._counter = None
+        del self.__dict__["data_received"]
+        if not self.transport.is_closing():
+            self.transport.set_protocol(self)
+        with counter:
+            read = net.bytes_read(counter, ended=self._input_ended)
+            self.session.echoed_by_engine += read - self._read_before_direct
 
     # The mechanisms the session's commands use.
 

@@ -326,6 +326,7 @@ class Driver:
 
     def input_ended(self) -> None:
         """The client finished sending."""
+        self.count_echoed()
         self.feed(b"")
 
     def feed(self, data: bytes) -> None:
@@ -359,6 +360,7 @@ class Driver:
 
     def timer_fired(self) -> None:
         with self.contained():
+            self.count_echoed()
             now = monotonic()
             age = self.input_age() if self.session.echoed_by_engine else None
             # The kernel counts in its ticks (at least 100 a second) and rounds down: its age
@@ -369,11 +371,13 @@ class Driver:
 
     def writing_blocked(self) -> None:
         with self.contained():
+            self.count_echoed()
             self.session.writing_blocked(monotonic())
             self.carry_out()
 
     def writing_resumed(self) -> None:
         with self.contained():
+            self.count_echoed()
             self.session.writing_resumed(monotonic())
             self.carry_out()
 
@@ -381,6 +385,7 @@ class Driver:
         """The server is stopping: answer what was received (what the kernel holds too),
         then half-close and linger."""
         with self.contained():
+            self.count_echoed()
             self.send(self.session.stop(monotonic(), self.unread()))
 
     @contextmanager
@@ -401,8 +406,14 @@ class Driver:
         """Seconds since the client last sent, by the kernel's record (None: unknown)."""
         return None
 
+    def count_echoed(self) -> None:
+        """An engine whose reads can bypass the driver altogether (the asyncio engine's direct
+        echo) adds what they echoed to ``session.echoed_by_engine`` here: the driver calls it
+        before every call into the session but a read."""
+
     def force(self, reason: CloseReason) -> None:
         """Close at once, for ``reason``."""
+        self.count_echoed()
         self.session.abort(reason)
         self.carry_out()
 
@@ -416,6 +427,7 @@ class Driver:
 
     def lost(self, exc: BaseException | None, unsent: int = 0) -> None:
         """The connection is gone (``exc``: the error that ended it)."""
+        self.count_echoed()
         self.echo_fast = False
         self.session.connection_lost(exc, unsent)
         self.set_timer(None)

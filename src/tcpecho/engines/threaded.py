@@ -330,19 +330,25 @@ class ThreadConnection(Driver):
         # on the socket faster (no argument tuple).
         if self._buffer is None:
             self._buffer = memoryview(mmap.mmap(-1, RECV_SIZE))
-        sock, session, buffer = self.sock, self.session, self._buffer
-        while True:
-            size = sock.recv_into(buffer)
-            if not size:
-                return b""
-            session.echoed_by_engine += size
-            try:
-                sent = sock.send(buffer[:size], _DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            if sent < size:
-                self._send_blocked(buffer[sent:size])
-                return None
+        # The count is kept in a local until the loop ends, however it ends.
+        sock, buffer, echoed = self.sock, self._buffer, 0
+        try:
+            while True:
+                size = sock.recv_into(buffer)
+                if not size:
+                    return b""
+                echoed += size
+                try:
+                    sent = sock.send(buffer[:size], _DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                if sent < size:
+                    self.session.echoed_by_engine += echoed
+                    echoed = 0
+                    self._send_blocked(buffer[sent:size])
+                    return None
+        finally:
+            self.session.echoed_by_engine += echoed
 
     def _recv_ended(self) -> None:
         """recv returned b"": the client's end, or the server shutting our read side."""
