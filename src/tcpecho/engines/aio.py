@@ -64,6 +64,7 @@ class AsyncioEngine:
         self.config = config
         self.core: EngineCore[LoopConnection] = EngineCore(config, consumers, threaded=False)
         self.live: set[LoopConnection] = set()  # admitted, and refused ones still closing
+        self.direct = 0  # connections in direct echo, each with a second descriptor
         self._uvloop = load_uvloop(config.loop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[socket.socket] = []
@@ -220,11 +221,12 @@ class AsyncioEngine:
                 sock.close()
 
     def descriptors_to_spare(self) -> bool:
-        """Is there room for direct echo's second descriptor (see `LoopConnection`) on every
-        connection? Two a connection at ``--max-connections``, and a reserve for the rest, within
-        the soft RLIMIT_NOFILE, read each time: it can be changed from outside (prlimit)."""
+        """Is there room for one more of direct echo's second descriptors (see
+        `LoopConnection`)? Those taken, one for each of ``--max-connections`` and a reserve for
+        the rest must fit in the soft RLIMIT_NOFILE, read each time: it can be changed from
+        outside (prlimit). So a full server still has a descriptor for every client it admits."""
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        needed = 2 * self.config.max_connections + DESCRIPTOR_RESERVE
+        needed = self.direct + 1 + self.config.max_connections + DESCRIPTOR_RESERVE
         return limit == resource.RLIM_INFINITY or limit >= needed
 
     def connection_ended(self) -> None:
@@ -249,8 +251,9 @@ class LoopConnection(Driver, asyncio.Protocol):
     given): the loop hands each read straight back, and no Python runs per read. The kernel
     counts those bytes instead: `count_echoed` asks it (`net.bytes_read`) through a duplicate
     of the socket, which still answers after the loop has closed its own after an error. That
-    is a second descriptor a connection, so direct echo waits for room for it
-    (`AsyncioEngine.descriptors_to_spare`); without, raw echo takes the Python fast path.
+    is a second descriptor, taken only where there is room for it beside one for every client
+    the server may admit (`AsyncioEngine.descriptors_to_spare`); else raw echo takes the Python
+    fast path.
     """
 
     transport: asyncio.Transport  # set by connection_made, before any other call
@@ -375,7 +378,7 @@ class LoopConnection(Driver, asyncio.Protocol):
         if sock is None or self.transport.is_closing():
             return
         try:
-            counter = socket.socket(fileno=os.dup(sock.fileno()))
+            counter = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
         except OSError:
             return  # out of descriptors: the Python fast path does as well
         try:
@@ -384,6 +387,7 @@ class LoopConnection(Driver, asyncio.Protocol):
             counter.close()
             return
         self._counter = counter
+        self.engine.direct += 1
         self.__dict__["data_received"] = self.transport.write
         self.transport.set_protocol(self)
 
@@ -392,11 +396,16 @@ class LoopConnection(Driver, asyncio.Protocol):
         if counter is None:
             return
         self._counter = None
+        self.engine.direct -= 1
         del self.__dict__["data_received"]
         if not self.transport.is_closing():
             self.transport.set_protocol(self)
         with counter:
-            read = net.bytes_read(counter, ended=self._input_ended)
+            try:
+                read = net.bytes_read(counter, ended=self._input_ended)
+            except OSError as exc:  # it answered when direct echo began: a bug, not the client
+                self.core.failed(self, exc)
+                return
             self.session.echoed_by_engine += read - self._read_before_direct
 
     # The mechanisms the session's commands use.

@@ -55,7 +55,8 @@ on its real address and calls `opened`, which answers what was held (and the gre
 Raw echo stays fast: while OPEN in raw framing, `receive_data` builds nothing per read and
 returns the very bytes it was given. Faster still, while `echoes_raw` is true a read changes
 nothing but the byte count and the idle clock, so an engine may skip the session altogether:
-send the bytes back itself and add their count to ``echoed_by_engine``. It then gives
+send the bytes back itself and add their count to ``echoed_by_engine`` (by the time it next
+calls the session: the asyncio engine takes the count from the kernel then). It then gives
 `handle_timeout` the time of the client's last input from its own record (the kernel keeps one
 per TCP socket), and the session reads no clock per read.
 """
