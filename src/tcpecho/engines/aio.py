@@ -85,6 +85,9 @@ class AsyncioEngine:
         self._connection_class: type[LoopConnection] = (
             LoopConnection if self._uvloop else BufferedLoopConnection
         )
+        # Direct echo (see LoopConnection) on uvloop only: the stdlib loop would allocate a
+        # fresh bytes for every read of a plain Protocol, as above.
+        self.direct_echo = self._uvloop is not None
 
     @property
     def description(self) -> str:
@@ -245,10 +248,10 @@ class LoopConnection(Driver, asyncio.Protocol):
     on the transport, and the one timer a `TimerHandle`. As a plain Protocol, the loop calls
     `data_received` with each read.
 
-    Direct echo: while the driver may echo a read without the session (`Driver.echo_fast`) on a
-    plain TCP transport, ``data_received`` is the transport's own ``write`` (an attribute that
-    hides the method; uvloop is told with ``set_protocol``, as it keeps the method it was
-    given): the loop hands each read straight back, and no Python runs per read. The kernel
+    Direct echo (uvloop): while the driver may echo a read without the session
+    (`Driver.echo_fast`) on a plain TCP transport, the transport's protocol is a `DirectEcho`,
+    whose ``data_received`` is the transport's own ``write``: the loop hands each read straight
+    back, and no Python runs per read. The kernel
     counts those bytes instead: `count_echoed` asks it (`net.bytes_read`) through a duplicate
     of the socket, which still answers after the loop has closed its own after an error. That
     is a second descriptor, taken only where there is room for it beside one for every client
@@ -267,6 +270,7 @@ class LoopConnection(Driver, asyncio.Protocol):
         self._counter: socket.socket | None = None  # while direct: the socket's duplicate
         self._read_before_direct = 0  # the kernel's count of bytes read, when direct began
         self._input_ended = False  # a read found the client's FIN
+        self._nothing_read = True  # until connection_made returns: the loop reads after it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but offer the same methods.
@@ -278,6 +282,7 @@ class LoopConnection(Driver, asyncio.Protocol):
             self.handshake_done(transport.get_extra_info("ssl_object"))
         else:
             self.admit()
+        self._nothing_read = False
 
     async def open_tls(self, sock: socket.socket, context: ssl.SSLContext) -> None:
         """Admit, read a PROXY header that TLS follows (peeked: not a byte of TLS is read),
@@ -368,6 +373,7 @@ class LoopConnection(Driver, asyncio.Protocol):
         if (
             self.echo_fast
             and self._counter is None
+            and self.engine.direct_echo
             and not self.tls_info
             and self.engine.descriptors_to_spare()
         ):
@@ -382,14 +388,13 @@ class LoopConnection(Driver, asyncio.Protocol):
         except OSError:
             return  # out of descriptors: the Python fast path does as well
         try:
-            self._read_before_direct = net.bytes_read(counter)
+            self._read_before_direct = 0 if self._nothing_read else net.bytes_read(counter)
         except OSError:
             counter.close()
             return
         self._counter = counter
         self.engine.direct += 1
-        self.__dict__["data_received"] = self.transport.write
-        self.transport.set_protocol(self)
+        self.transport.set_protocol(DirectEcho(self))
 
     def count_echoed(self) -> None:
         counter = self._counter
@@ -397,7 +402,6 @@ class LoopConnection(Driver, asyncio.Protocol):
             return
         self._counter = None
         self.engine.direct -= 1
-        del self.__dict__["data_received"]
         if not self.transport.is_closing():
             self.transport.set_protocol(self)
         with counter:
@@ -472,6 +476,30 @@ class LoopConnection(Driver, asyncio.Protocol):
             self._timer.cancel()
         self._timer = None
         self._timer_at = None
+
+
+class DirectEcho(asyncio.Protocol):
+    """The transport's protocol while its connection is in direct echo: each read goes straight
+    to the transport's ``write`` (a slot that hides the method); every other callback goes to
+    the connection, which takes the transport back (`LoopConnection.count_echoed`)."""
+
+    __slots__ = ("connection", "data_received")
+
+    def __init__(self, connection: LoopConnection) -> None:
+        self.connection = connection
+        self.data_received = connection.transport.write  # type: ignore[method-assign]
+
+    def eof_received(self) -> bool:
+        return self.connection.eof_received()
+
+    def pause_writing(self) -> None:
+        self.connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.connection.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection.connection_lost(exc)
 
 
 class BufferedLoopConnection(LoopConnection, asyncio.BufferedProtocol):
