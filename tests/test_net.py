@@ -67,29 +67,64 @@ def test_bytes_read_counts_what_was_read_not_what_is_queued(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     client, server = pair
+    net.count_reads(server)
     assert net.bytes_read(server) == 0
     client.sendall(b"x" * 1000)
     assert recv_exactly(server, 400) == b"x" * 400
     assert net.bytes_read(server) == 400
 
 
-def test_bytes_read_does_not_count_the_fin_as_a_byte(
+def test_bytes_read_does_not_count_the_fin_read_or_not(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     client, server = pair
+    net.count_reads(server)
     client.sendall(b"y" * 10)
     client.shutdown(socket.SHUT_WR)
     assert recv_exactly(server, 4) == b"y" * 4
     assert net.bytes_read(server) == 4  # the FIN has arrived, not been read
     assert recv_exactly(server, 6) == b"y" * 6
+    assert net.bytes_read(server) == 10
     assert server.recv(1) == b""
-    assert net.bytes_read(server, ended=True) == 10
+    assert net.bytes_read(server) == 10
+
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def test_bytes_read_after_a_reset(pair: tuple[socket.socket, socket.socket]) -> None:
     client, server = pair
+    net.count_reads(server)
     client.sendall(b"z" * 5)
     assert recv_exactly(server, 2) == b"zz"
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    client.close()
+    reset(client)
     assert net.bytes_read(server) == 2
+
+
+def test_bytes_read_after_a_fin_then_a_reset_with_the_fin_unread(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """After a reset the TCP state no longer tells whether a FIN came first; the count must."""
+    client, server = pair
+    net.count_reads(server)
+    client.sendall(b"w" * 7)
+    assert recv_exactly(server, 7) == b"w" * 7
+    client.shutdown(socket.SHUT_WR)
+    reset(client)
+    assert net.bytes_read(server) == 7
+
+
+def test_bytes_read_past_urgent_data_in_line(pair: tuple[socket.socket, socket.socket]) -> None:
+    """FIONREAD stops at an urgent mark; the count does not."""
+    client, server = pair
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    net.count_reads(server)
+    client.sendall(b"abc")
+    client.send(b"!", socket.MSG_OOB)
+    client.sendall(b"def")
+    assert recv_exactly(server, 2) == b"ab"
+    assert net.bytes_read(server) == 2
+    assert recv_exactly(server, 5) == b"c!def"
+    assert net.bytes_read(server) == 7

@@ -190,9 +190,6 @@ _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _LAST_DATA_RECV = 8 + 11 * 4
 _BYTES_RECEIVED = 8 + 24 * 4 + 3 * 8
 INPUT_AGE_KNOWN = _TCP_INFO is not None
-# TCP states (linux/tcp_states.h) a connection is in once the client's FIN has arrived:
-# TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING.
-_FIN_RECEIVED = frozenset({6, 8, 9, 11})
 
 
 def input_age(sock: socket.socket) -> float | None:
@@ -210,31 +207,59 @@ def input_age(sock: socket.socket) -> float | None:
     return int(struct.unpack_from("I", info, _LAST_DATA_RECV)[0]) / 1000
 
 
-def bytes_read(sock: socket.socket, *, ended: bool = False) -> int:
-    """Bytes the process has read from a connected TCP socket so far, by the kernel's count.
+# linux/tcp.h: TCP_INQ, which makes each recvmsg report the bytes still queued (TCP_CM_INQ, the
+# same number) counted as the kernel counts bytes received. Python does not name it.
+_TCP_INQ = 36
 
-    The bytes received less those still queued, read until both counts agree (data that
-    arrives in between changes both; nobody reads meanwhile, so this ends at the latest when the
-    receive queue is full). The kernel counts the client's FIN as a byte: ``ended`` says that a
-    read found it (the end of input); else the TCP state says whether it arrived. Exact but in
-    one case: a client that sent its FIN and then a reset, before the FIN was read, is counted
-    one byte more (after a reset the state no longer tells). Raises OSError, also where the OS
-    keeps no such count.
+
+def count_reads(sock: socket.socket) -> None:
+    """Let `bytes_read` count on ``sock`` (or a duplicate: the option is the socket's). Only
+    recvmsg reports more for it. Raises OSError where the OS has no such option."""
+    sock.setsockopt(socket.IPPROTO_TCP, _TCP_INQ, 1)
+
+
+def bytes_read(sock: socket.socket) -> int:
+    """Bytes the process has read from a connected TCP socket so far, by the kernel's count
+    (`count_reads` first).
+
+    ``tcpi_bytes_received`` less what is still queued, read until two readings agree (data
+    that arrives in between changes them; nobody reads meanwhile, so this ends at the latest
+    when the receive queue is full). Queued is TCP_INQ's count, not FIONREAD's: both of these
+    count the client's FIN as a byte, read or not, where FIONREAD does not, and FIONREAD stops at
+    an urgent mark. A reset not yet reported to the reader is reported here (and so no longer
+    to it). Raises OSError, also where the OS keeps no such count.
     """
     if _TCP_INFO is None:
         raise OSError(errno.ENOPROTOOPT, "the OS does not count the bytes a socket received")
-    fd = sock.fileno()
     while True:
         before = _received(sock)
-        unread = unread_bytes(fd)
+        queued = _queued(sock)
         if _received(sock) == before:
-            state, received = before
-            return received - unread - (ended or state in _FIN_RECEIVED)
+            return before - queued
 
 
-def _received(sock: socket.socket) -> tuple[int, int]:
-    """The TCP state and tcpi_bytes_received."""
+def _received(sock: socket.socket) -> int:
     info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO or 0, _BYTES_RECEIVED + 8)
     if len(info) < _BYTES_RECEIVED + 8:
         raise OSError(errno.ENOPROTOOPT, "the kernel does not count the bytes a socket received")
-    return info[0], int(struct.unpack_from("Q", info, _BYTES_RECEIVED)[0])
+    return int(struct.unpack_from("Q", info, _BYTES_RECEIVED)[0])
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes received but not read, and the FIN (read or not), by TCP_INQ."""
+    for _ in range(2):
+        try:
+            _, ancillary, _, _ = sock.recvmsg(
+                1, socket.CMSG_SPACE(4), socket.MSG_PEEK | socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return 0  # nothing queued, and no FIN
+        except OSError as exc:
+            if exc.errno is None or exc.errno == errno.EBADF:
+                raise
+            continue  # a pending error (a reset) comes first, once
+        for level, kind, data in ancillary:
+            if level == socket.IPPROTO_TCP and kind == _TCP_INQ:
+                return int(struct.unpack("i", data[:4])[0])
+        raise OSError(errno.ENOPROTOOPT, "recvmsg reported no TCP_INQ")
+    raise OSError(errno.EIO, "recvmsg kept failing")

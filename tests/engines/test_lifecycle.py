@@ -379,3 +379,18 @@ def test_quiet_raw_echo_counts_every_byte_however_the_connection_ends(
     [closed] = observed.wait_for(Closed)
     assert closed.reason in reasons
     assert (closed.bytes_received, closed.bytes_sent) == (ECHOED, ECHOED)
+
+
+@QUIET
+def test_urgent_data_is_echoed_in_line_and_counted(observe: Start, quiet: bool) -> None:
+    """A byte sent as TCP urgent data (MSG_OOB) is a byte like any other: echoed in its place."""
+    observed = observe(quiet=quiet)
+    with connect(observed.address) as sock:
+        sock.sendall(b"abc")
+        sock.send(b"!", socket.MSG_OOB)
+        sock.sendall(b"def")
+        assert recv_exactly(sock, 7) == b"abc!def"
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_closed(sock) == b""
+    [closed] = observed.wait_for(Closed)
+    assert (closed.bytes_received, closed.bytes_sent) == (7, 7)

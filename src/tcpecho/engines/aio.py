@@ -225,12 +225,13 @@ class AsyncioEngine:
 
     def descriptors_to_spare(self) -> bool:
         """Is there room for one more of direct echo's second descriptors (see
-        `LoopConnection`)? Those taken, one for each of ``--max-connections`` and a reserve for
-        the rest must fit in the soft RLIMIT_NOFILE, read each time: it can be changed from
-        outside (prlimit). So a full server still has a descriptor for every client it admits."""
+        `LoopConnection`)? They may take half of what the soft RLIMIT_NOFILE leaves beyond one
+        descriptor for each of ``--max-connections`` and a reserve: a full server still has one
+        for every client it admits, and the other half for clients it refuses (each held for
+        the linger). The limit is read each time: it can be changed from outside (prlimit)."""
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        needed = self.direct + 1 + self.config.max_connections + DESCRIPTOR_RESERVE
-        return limit == resource.RLIM_INFINITY or limit >= needed
+        spare = limit - self.config.max_connections - DESCRIPTOR_RESERVE
+        return limit == resource.RLIM_INFINITY or 2 * (self.direct + 1) <= spare
 
     def connection_ended(self) -> None:
         if self.core.stopping and not self.core.drivers and self._all_closed is not None:
@@ -255,8 +256,8 @@ class LoopConnection(Driver, asyncio.Protocol):
     counts those bytes instead: `count_echoed` asks it (`net.bytes_read`) through a duplicate
     of the socket, which still answers after the loop has closed its own after an error. That
     is a second descriptor, taken only where there is room for it beside one for every client
-    the server may admit (`AsyncioEngine.descriptors_to_spare`); else raw echo takes the Python
-    fast path.
+    the server may admit and some it refuses (`AsyncioEngine.descriptors_to_spare`); else raw
+    echo takes the Python fast path.
     """
 
     transport: asyncio.Transport  # set by connection_made, before any other call
@@ -269,7 +270,6 @@ class LoopConnection(Driver, asyncio.Protocol):
         self._unsent = 0
         self._counter: socket.socket | None = None  # while direct: the socket's duplicate
         self._read_before_direct = 0  # the kernel's count of bytes read, when direct began
-        self._input_ended = False  # a read found the client's FIN
         self._nothing_read = True  # until connection_made returns: the loop reads after it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -351,7 +351,6 @@ class LoopConnection(Driver, asyncio.Protocol):
         self.feed(data)
 
     def eof_received(self) -> bool:
-        self._input_ended = True
         self.input_ended()
         # The session says when to close; a TLS transport closes at the client's end anyway
         # (after what is queued), and warns when told otherwise.
@@ -388,6 +387,7 @@ class LoopConnection(Driver, asyncio.Protocol):
         except OSError:
             return  # out of descriptors: the Python fast path does as well
         try:
+            net.count_reads(counter)
             self._read_before_direct = 0 if self._nothing_read else net.bytes_read(counter)
         except OSError:
             counter.close()
@@ -406,7 +406,7 @@ class LoopConnection(Driver, asyncio.Protocol):
             self.transport.set_protocol(self)
         with counter:
             try:
-                read = net.bytes_read(counter, ended=self._input_ended)
+                read = net.bytes_read(counter)
             except OSError as exc:  # it answered when direct echo began: a bug, not the client
                 self.core.failed(self, exc)
                 return

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -246,6 +246,10 @@ class EngineCore(Generic[DriverT]):
             retrying = exc.errno in ACCEPT_RETRY_ERRNOS
             self.emit(AcceptFailed(exc.strerror or str(exc), retrying))
             return ACCEPT_RETRY_DELAY if retrying else 0.0
+        # Urgent data (MSG_OOB) in line, like any byte: echoed, and counted where the kernel
+        # counts (direct echo), instead of left unread.
+        with suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         return sock, net.plain_address(address)
 
     def drain_started(self) -> list[DriverT]:
