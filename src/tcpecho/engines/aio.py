@@ -341,15 +341,6 @@ class LoopConnection(Driver, asyncio.Protocol):
             if used:
                 sock.recv(used)  # all there: peeked
 
-    def data_received(self, data: bytes) -> None:
-        # `Driver.data_received`, with the write looked up on the transport (as CPython's
-        # interpreter likes it best: the loop calls this for every read). Direct echo hides it.
-        if self.echo_fast:
-            self.session.echoed_by_engine += len(data)
-            self.transport.write(data)
-            return
-        self.feed(data)
-
     def eof_received(self) -> bool:
         self.input_ended()
         # The session says when to close; a TLS transport closes at the client's end anyway

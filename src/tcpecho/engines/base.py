@@ -321,8 +321,8 @@ class Driver:
         """Bytes read (never empty: the end of input is `input_ended`)."""
         if self.echo_fast:
             # Raw echo: the read is the reply. No clock is read here; a timer that fires asks
-            # the kernel when the client last sent (`input_age`). (The asyncio engine has its
-            # own copy of these lines, which writes through the transport.)
+            # the kernel when the client last sent (`input_age`). (On uvloop, direct echo skips
+            # even this call: see aio.LoopConnection.)
             self.session.echoed_by_engine += len(data)
             self.write(data)
             return
