@@ -247,19 +247,20 @@ def _received(sock: socket.socket) -> int:
 
 def _queued(sock: socket.socket) -> int:
     """Bytes received but not read, and the FIN (read or not), by TCP_INQ."""
-    for _ in range(2):
+    try:
+        ancillary = _peek(sock)
+    except BlockingIOError:
+        return 0  # nothing queued, and no FIN
+    except OSError:  # a pending error (a reset) is reported once, before anything else
         try:
-            _, ancillary, _, _ = sock.recvmsg(
-                1, socket.CMSG_SPACE(4), socket.MSG_PEEK | socket.MSG_DONTWAIT
-            )
+            ancillary = _peek(sock)
         except BlockingIOError:
-            return 0  # nothing queued, and no FIN
-        except OSError as exc:
-            if exc.errno is None or exc.errno == errno.EBADF:
-                raise
-            continue  # a pending error (a reset) comes first, once
-        for level, kind, data in ancillary:
-            if level == socket.IPPROTO_TCP and kind == _TCP_INQ:
-                return int(struct.unpack("i", data[:4])[0])
-        raise OSError(errno.ENOPROTOOPT, "recvmsg reported no TCP_INQ")
-    raise OSError(errno.EIO, "recvmsg kept failing")
+            return 0
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_TCP and kind == _TCP_INQ:
+            return int(struct.unpack("i", data[:4])[0])
+    raise OSError(errno.ENOPROTOOPT, "recvmsg reported no TCP_INQ")
+
+
+def _peek(sock: socket.socket) -> list[tuple[int, int, bytes]]:
+    return sock.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_PEEK | socket.MSG_DONTWAIT)[1]
