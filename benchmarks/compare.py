@@ -218,21 +218,33 @@ def bench(
 ) -> dict[str, Any]:
     """One run of ``tcpecho bench`` with no warm-up of its own: every round trip counts.
     ``extra``: more of its options (``--tls``, ``--reconnect``)."""
+    return bench_report(start_bench(port, scenario, duration, extra))
+
+
+def start_bench(
+    port: int, scenario: Scenario, duration: float, extra: Sequence[str] = ()
+) -> subprocess.Popen[str]:
+    """`bench`, started: its report comes from `bench_report`."""
     connections, size, pipeline = scenario
     command = ["taskset", "-c", CLIENT_CPU, sys.executable, "-m", "tcpecho", "bench"]
     command += [f"127.0.0.1:{port}", "-c", str(connections), "-s", str(size)]
     command += ["-p", str(pipeline)]
     command += ["-d", str(duration), "--warmup", "0", "--json", "--timeout", "30", *extra]
-    result = subprocess.run(
+    return subprocess.Popen(
         command,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
-    if not result.stdout:
-        raise RuntimeError(f"bench failed: {result.stderr.strip()}")
-    report: dict[str, Any] = json.loads(result.stdout)
+
+
+def bench_report(run: subprocess.Popen[str]) -> dict[str, Any]:
+    """The JSON report of a run `start_bench` started, once it ends."""
+    stdout, stderr = run.communicate()
+    if not stdout:
+        raise RuntimeError(f"bench failed: {stderr.strip()}")
+    report: dict[str, Any] = json.loads(stdout)
     return report
 
 

@@ -6,12 +6,18 @@ Each neighbouring pair gives one ratio of the servers' CPU time per round trip; 
 the median ratio and its quartiles. On a machine whose speed wanders (a shared VM), many short
 pairs settle a ratio to a few percent where a few long runs of `compare.py` scatter by ±15 %.
 
+With ``--together``, each pair is one run in which A and B are driven at once, each by a load
+generator of its own (both on CPU 1), so the two are measured over the same window: a change
+of the machine's speed then falls on both. Each of this VM's pairs then scatters by about ±1 %
+rather than ±7 %. The servers share CPU 0 (and the generators CPU 1) in that run, so the
+absolute µs/rt are not those of a server alone; the ratio is what it is for.
+
 Servers are named as in `compare.py` (``tcpecho uvloop``, ``uvloop Protocol``, ``tcpecho
 threads``, ``socketserver``, ...; ``NAME +metrics`` for a tcpecho variant with ``--metrics``;
 ``before: NAME`` with ``--before PATH``):
 
     python benchmarks/pairs.py "tcpecho uvloop" "uvloop Protocol" [--pairs 20] [--duration 1]
-        [--scenarios 1x64,50x64,50x4096,10x65536,50x64x8] [--before PATH]
+        [--scenarios 1x64,50x64,50x4096,10x65536,50x64x8] [--before PATH] [--together]
     python benchmarks/pairs.py "tcpecho threads" socketserver "tcpecho uvloop" "uvloop Protocol"
 
 A name may be followed by more options for that server, which then runs with them:
@@ -40,6 +46,7 @@ from compare import (  # benchmarks/, the script's own directory, is first on sy
     Scenario,
     Server,
     bench,
+    bench_report,
     cpu_time,
     label,
     machine,
@@ -47,6 +54,7 @@ from compare import (  # benchmarks/, the script's own directory, is first on sy
     revision,
     running,
     servers,
+    start_bench,
 )
 
 
@@ -63,6 +71,26 @@ def measured(
     return float(cpu / report["round_trips"] * 1e6)
 
 
+def measured_together(
+    ports: dict[str, tuple[int, int]],
+    order: Sequence[str],
+    scenario: Scenario,
+    duration: float,
+    extra: Sequence[str] = (),
+) -> dict[str, float]:
+    """One run of every server at once, each driven by a load generator of its own (all on
+    CLIENT_CPU): each server's CPU µs per round trip, over the same window."""
+    time.sleep(SETTLE_S)
+    start = {side: cpu_time(pid) for side, (_, pid) in ports.items()}
+    runs = {side: start_bench(ports[side][0], scenario, duration, extra) for side in order}
+    reports = {side: bench_report(run) for side, run in runs.items()}
+    cpu = {side: cpu_time(pid).clock - start[side].clock for side, (_, pid) in ports.items()}
+    for report in reports.values():
+        if not report["ok"] or not report["round_trips"]:
+            raise RuntimeError(f"bench failed: {report}")
+    return {side: float(cpu[side] / reports[side]["round_trips"] * 1e6) for side in ports}
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     low, median, high = statistics.quantiles(values, n=4, method="inclusive")
     return low, median, high
@@ -76,8 +104,10 @@ def compare_pair(
     duration: float,
     warmup: float,
     extra: Sequence[str] = (),
+    together: bool = False,
 ) -> tuple[list[float], list[float], list[float]]:
-    """CPU µs/rt of ``a`` and of ``b`` in every run, and a ÷ b of every pair."""
+    """CPU µs/rt of ``a`` and of ``b`` in every run, and a ÷ b of every pair (``together``:
+    both measured at once, see `measured_together`)."""
     with ExitStack() as stack:
         ports = {"a": stack.enter_context(running(a)), "b": stack.enter_context(running(b))}
         for port, _ in ports.values():
@@ -85,10 +115,12 @@ def compare_pair(
         cpu: dict[str, list[float]] = {"a": [], "b": []}
         ratios = []
         for pair in range(pairs):
-            run = {}
-            for side in ("a", "b") if pair % 2 == 0 else ("b", "a"):
-                port, pid = ports[side]
-                run[side] = measured(port, pid, scenario, duration, extra)
+            order = ("a", "b") if pair % 2 == 0 else ("b", "a")
+            if together:
+                run = measured_together(ports, order, scenario, duration, extra)
+            else:
+                run = {side: measured(*ports[side], scenario, duration, extra) for side in order}
+            for side in order:
                 cpu[side].append(run[side])
             ratios.append(run["a"] / run["b"])
             print(
@@ -111,6 +143,11 @@ def main() -> int:
         "--reconnect",
         action="store_true",
         help="a new connection for every round trip (bench --reconnect): CPU per connection",
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="drive A and B at once, each with its own load generator (see the docstring)",
     )
     args = parser.parse_args()
     if len(args.names) % 2:
@@ -135,6 +172,7 @@ def main() -> int:
                 args.duration,
                 args.warmup,
                 ["--reconnect"] if args.reconnect else [],
+                args.together,
             )
             low, median, high = quartiles(ratios)
             rows.append(
@@ -142,16 +180,19 @@ def main() -> int:
                 f"{statistics.median(b_cpu):.2f} | **{median:.3f}** ({low:.3f}–{high:.3f}) |"
             )
     header = "| A ÷ B | scenario | A: CPU µs/rt | B: CPU µs/rt | A ÷ B, median (quartiles) |"
-    print_table(header, rows, args.pairs, args.duration)
+    print_table(header, rows, args.pairs, args.duration, args.together)
     return 0
 
 
-def print_table(header: str, rows: list[str], pairs: int, duration: float) -> None:
+def print_table(
+    header: str, rows: list[str], pairs: int, duration: float, together: bool = False
+) -> None:
     """The Markdown table, after a line saying when, where and how it was measured."""
+    how = "A and B at once" if together else "alternating ABBA"
     print(
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; tcpecho "
         f"{revision(ROOT)}; {pairs} pairs of {duration:g} s runs per case, "
-        "alternating ABBA; servers on CPU 0, load on CPU 1.\n"
+        f"{how}; servers on CPU 0, load on CPU 1.\n"
     )
     print(header)
     print("|---|---|---:|---:|---|")
