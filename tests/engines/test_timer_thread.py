@@ -105,3 +105,26 @@ def test_cancelled_timers_do_not_pile_up() -> None:
         for _ in range(1000):
             timers.call_at(monotonic() + 3600, lambda: None).cancel()
         assert len(timers._heap) <= 64 + 1
+
+
+def test_a_timer_at_infinity_leaves_the_others_running() -> None:
+    # --idle-timeout inf is a valid setting: its deadline is infinite, and a wait that long
+    # is more than the platform allows. The thread must go on serving the timers after it.
+    ran: list[str] = []
+    with timers_on_a_loop() as (loop, timers):
+        timers.call_at(float("inf"), lambda: ran.append("never"))
+        timers.call_at(monotonic() + 1e10, lambda: ran.append("in three centuries"))
+        timers.call_at(monotonic() + 0.02, lambda: ran.append("soon"))
+        run_until(loop, lambda: ran == ["soon"], limit=5)
+        assert timers._thread is not None
+        assert timers._thread.is_alive()
+
+
+def test_a_cancelled_timer_lets_go_of_its_callback() -> None:
+    # The heap keeps a cancelled timer until its deadline or a clear-out: what its callback
+    # holds (a closed connection) must not stay with it.
+    with timers_on_a_loop() as (_, timers):
+        owner = [bytearray(1 << 20)]
+        timer = timers.call_at(monotonic() + 3600, owner.clear)
+        timer.cancel()
+        assert timer.callback is None

@@ -263,6 +263,9 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
 
+MAX_TIMER_WAIT = 86400.0  # seconds: as asyncio's own loop caps its waits
+
+
 class TimerThread:
     """The stdlib loop's connection timers, kept off the loop.
 
@@ -279,7 +282,8 @@ class TimerThread:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._heap: list[tuple[float, int, Timer]] = []  # cancelled ones too, until due
-        self._cancelled = 0  # about how many in the heap are cancelled
+        self._cancelled = 0  # how many in the heap are cancelled, or a few more: cancelling
+        # a timer the thread has popped counts it too; that only clears the heap a bit early
         self._order = itertools.count()  # ties in time: first armed, first run
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -289,8 +293,9 @@ class TimerThread:
         with self._lock:
             heapq.heappush(self._heap, (deadline, next(self._order), timer))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="timers", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="timers", daemon=True)
+                thread.start()
+                self._thread = thread
             elif self._heap[0][2] is timer:  # sooner than the thread sleeps for
                 self._changed.notify()
         return timer
@@ -309,7 +314,7 @@ class TimerThread:
         with self._lock:
             self._closed = True
             self._changed.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join()
 
     def _run(self) -> None:
@@ -325,7 +330,11 @@ class TimerThread:
                         due.append(timer)
                 if due:
                     self._loop.call_soon_threadsafe(self._run_due, due)
-                self._changed.wait(self._heap[0][0] - now if self._heap else None)
+                # A wait longer than the platform's limit raises (a deadline may be at
+                # infinity: --idle-timeout inf); waking once a day to look again costs nothing.
+                self._changed.wait(
+                    min(self._heap[0][0] - now, MAX_TIMER_WAIT) if self._heap else None
+                )
 
     def _run_due(self, due: list[Timer]) -> None:
         for timer in due:  # each a callback of its own: one that fails stops none of the others
@@ -339,16 +348,17 @@ class Timer:
 
     def __init__(self, timers: TimerThread, callback: Callable[[], None]) -> None:
         self.timers = timers
-        self.callback = callback
+        self.callback: Callable[[], None] | None = callback
         self.cancelled = False
 
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
+            self.callback = None  # the heap may hold this until its deadline: not its connection
             self.timers.cancelled()
 
     def run(self) -> None:
-        if not self.cancelled:  # cancelled since the thread took it
+        if self.callback is not None:  # else cancelled since the thread took it
             self.callback()
 
 
