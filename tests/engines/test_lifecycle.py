@@ -221,6 +221,37 @@ def test_stopping_logs_how_many_connections_it_drains(observe: Start) -> None:
     assert closed_reasons(observed, 3) == [CloseReason.SERVER_STOPPING] * 3
 
 
+@pytest.mark.parametrize("never", [float("inf"), 1e100], ids=["inf", "1e100"])
+def test_timeouts_too_long_for_the_os_still_leave_the_others_working(
+    observe: Start, never: float
+) -> None:
+    """The timeouts accept any number: one the OS cannot wait for (its waits refuse infinity
+    and far-off times) must not break the connection, the line timeout or the drain."""
+    observed = observe(
+        framing="line",
+        line_timeout=0.5,
+        idle_timeout=never,
+        write_timeout=never,
+        drain_timeout=never,
+    )
+    with connect(observed.address) as slow, connect(observed.address) as open_one:
+        open_one.sendall(b"kept\n")
+        assert recv_exactly(open_one, 5) == b"kept\n"
+        slow.sendall(b"hi\nabc")
+        assert recv_exactly(slow, 3) == b"hi\n"
+        assert recv_until_closed(slow) == line_timeout_reply(0.5)
+        stopper = threading.Thread(target=observed.server.stop)
+        stopper.start()
+        assert recv_until_closed(open_one) == b""
+        stopper.join(10)
+    assert not stopper.is_alive()
+    assert set(closed_reasons(observed, 2)) == {
+        CloseReason.LINE_TIMEOUT,
+        CloseReason.SERVER_STOPPING,
+    }
+    assert not [event for event in observed.events if isinstance(event, InternalError)]
+
+
 def test_every_refused_and_closed_connection_is_counted_in_the_summary(observe: Start) -> None:
     observed = observe(max_connections=1)
     with connect(observed.address) as sock:

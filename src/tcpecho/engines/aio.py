@@ -25,6 +25,7 @@ from tcpecho import net
 from tcpecho.config import LoopName, ServerConfig
 from tcpecho.engines.base import (
     ACCEPT_BATCH,
+    MAX_WAIT,
     RECV_SIZE,
     WRITE_BUFFER_HIGH_WATER,
     Driver,
@@ -263,9 +264,6 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
 
-MAX_TIMER_WAIT = 86400.0  # seconds: as asyncio's own loop caps its waits
-
-
 class TimerThread:
     """The stdlib loop's connection timers, kept off the loop.
 
@@ -330,11 +328,8 @@ class TimerThread:
                         due.append(timer)
                 if due:
                     self._loop.call_soon_threadsafe(self._run_due, due)
-                # A wait longer than the platform's limit raises (a deadline may be at
-                # infinity: --idle-timeout inf); waking once a day to look again costs nothing.
-                self._changed.wait(
-                    min(self._heap[0][0] - now, MAX_TIMER_WAIT) if self._heap else None
-                )
+                wait = min(self._heap[0][0] - now, MAX_WAIT) if self._heap else None
+                self._changed.wait(wait)
 
     def _run_due(self, due: list[Timer]) -> None:
         for timer in due:  # each a callback of its own: one that fails stops none of the others

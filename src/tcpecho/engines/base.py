@@ -52,6 +52,10 @@ RECV_SIZE = 64 * 1024
 # (then one line saying the rest are not logged), so one client cannot flood the log: with the
 # escaping, a line is at most about 850 bytes, so a connection costs the log at most ~90 KB.
 MAX_LOGGED_MESSAGES = 100
+# The longest one wait for a deadline may be: the OS's waits refuse infinity and far-off times,
+# which the timeouts accept (--idle-timeout inf). A timer that wakes before its deadline finds
+# nothing due and is armed again, so a day costs one look a day.
+MAX_WAIT = 86400.0
 # Accept errors that mean "out of resources for now": pause, retry, never stop serving.
 ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How long the accept loop pauses after one of those before it tries again.

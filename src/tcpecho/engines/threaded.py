@@ -16,7 +16,7 @@ from time import monotonic
 
 from tcpecho import net
 from tcpecho.config import ServerConfig
-from tcpecho.engines.base import RECV_SIZE, Driver, EngineCore, signals_wake
+from tcpecho.engines.base import MAX_WAIT, RECV_SIZE, Driver, EngineCore, signals_wake
 from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
 from tcpecho.protocol import MAX_V2_LENGTH, CloseReason
@@ -150,7 +150,7 @@ class ThreadedEngine:
                 for conn in self.core.drain_timed_out():
                     conn.drain_expired()
                 break
-            if selector.select(remaining):  # a connection ended, or a second stop
+            if selector.select(min(remaining, MAX_WAIT)):  # a connection ended, or a second stop
                 self._clear_wake()
         with self._threads_lock:
             left = list(self._threads)
@@ -179,7 +179,7 @@ class Refused:
     def timeout(self) -> float | None:
         """How long the accept loop may wait before a refused connection's deadline."""
         deadlines = [conn.deadline for conn in self._lingering if conn.deadline is not None]
-        return max(min(deadlines) - monotonic(), 0.0) if deadlines else None
+        return min(max(min(deadlines) - monotonic(), 0.0), MAX_WAIT) if deadlines else None
 
     def readable(self, conn: ThreadConnection) -> None:
         try:
@@ -287,7 +287,9 @@ class ThreadConnection(Driver):
         tls_sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
         self.sock, self._send, self._tls = tls_sock, tls_sock.send, True
         self._timed_out = _TLS_TIMED_OUT
-        tls_sock.settimeout(max(self.session.handshake_deadline() - monotonic(), 0.001))
+        tls_sock.settimeout(
+            min(max(self.session.handshake_deadline() - monotonic(), 0.001), MAX_WAIT)
+        )
         try:
             tls_sock.do_handshake()
         except OSError as exc:  # ssl.SSLError is one
@@ -458,7 +460,9 @@ class ThreadConnection(Driver):
 
     def _arm(self, option: int) -> None:
         self._timer_dirty = False
-        seconds = 0.0 if self.deadline is None else max(self.deadline - monotonic(), 0.001)
+        seconds = (
+            0.0 if self.deadline is None else min(max(self.deadline - monotonic(), 0.001), MAX_WAIT)
+        )
         if self._tls:
             # A blocking SSLSocket retries a read or write that SO_RCVTIMEO or SO_SNDTIMEO cut
             # short, so those never fire: its own timeout (a poll before each try) does.
