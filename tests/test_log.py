@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpecho.events import Closed, Refused
+from tcpecho.events import Closed, Refused, Stopped, Summary
 from tcpecho.log import (
     MAX_LOGGED_BYTES,
     WARNING_INTERVAL,
@@ -286,6 +286,26 @@ def test_a_flood_of_refusals_is_one_line_per_reason_and_second(server_log: Captu
         "127.0.0.1:0 refused: server busy (--max-connections)",
         "127.0.0.2:0 refused: too many connections from this address (--max-per-address)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("summary", "line"),
+    [
+        (Summary(3, 0, 30, 30, 0), "3 connections served, 30 bytes echoed"),
+        (Summary(3, 5, 30, 30, 0), "3 connections served, 30 bytes echoed, 5 refused"),
+        (
+            Summary(0, 2, 0, 0, 7),
+            "0 connections served, 0 bytes echoed, 2 refused, 7 accept errors",
+        ),
+    ],
+)
+def test_the_stop_line_counts_refusals_the_folded_log_lines_may_not_have_told(
+    server_log: CapturedRecords, summary: Summary, line: str
+) -> None:
+    EventLog()(Stopped(summary))
+    [record] = server_log.records
+    assert record.getMessage() == line
+    assert record.__dict__["fields"]["refused"] == summary.refused
 
 
 def test_a_closed_connection_is_one_line_with_its_reason_counts_and_discards(

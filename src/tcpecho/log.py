@@ -210,13 +210,24 @@ class EventLog:
         # server's total (the supervisor's, with workers).
         summary = event.summary
         worker = f"worker {self._number} (pid {os.getpid()}): " if self._number else ""
+        # Refusals are folded in the log (one line a second per reason): the total is here, so
+        # a refusal that no later line counted is still told.
+        more = "".join(
+            f", {count} {what}"
+            for count, what in (
+                (summary.refused, "refused"),
+                (summary.accept_errors, "accept errors"),
+            )
+            if count
+        )
         self._info(
             "WORKER STOPPED" if self._number else "SERVER STOPPED",
             "worker_stopped" if self._number else "stopped",
-            "%s%d connections served, %d bytes echoed",
+            "%s%d connections served, %d bytes echoed%s",
             worker,
             summary.connections,
             summary.bytes_echoed,
+            more,
             **({"worker": self._number} if self._number else {}),
             connections=summary.connections,
             bytes_echoed=summary.bytes_echoed,
