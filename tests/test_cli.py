@@ -166,7 +166,7 @@ def test_python_m_tcpecho_serve_prints_the_same_banner_and_echoes() -> None:
         with connect(("127.0.0.1", port)) as sock:
             sock.sendall(b"module\n")
             assert recv_exactly(sock, 7) == b"module\n"
-        assert stop(server)[-1] == "[SERVER STOPPED] 1 connections served, 7 bytes echoed"
+        assert stop(server)[-1] == "[SERVER STOPPED] 1 connections served, 7 bytes received, 7 sent"
 
 
 def test_without_options_the_banner_is_the_seeds_0_0_0_0_65432() -> None:
@@ -352,7 +352,8 @@ def test_a_signal_echoes_what_a_client_sent_then_exits_0_with_the_summary(
         assert time.monotonic() - signalled < 5
         lines = output_lines(server)
         stderr = server.stderr()
-    assert lines[-1] == f"[SERVER STOPPED] 1 connections served, {len(message)} bytes echoed"
+    size = len(message)
+    assert lines[-1] == f"[SERVER STOPPED] 1 connections served, {size} bytes received, {size} sent"
     assert "Traceback" not in "\n".join(lines)
     assert stderr == ""
 
@@ -378,7 +379,9 @@ def test_a_second_sigint_stops_a_draining_server_at_once(engine: str) -> None:
             assert time.monotonic() - first < 15  # far from the 30 s drain
         lines = output_lines(server)
         stderr = server.stderr()
-    assert re.fullmatch(r"\[SERVER STOPPED\] 1 connections served, \d+ bytes echoed", lines[-1])
+    assert re.fullmatch(
+        r"\[SERVER STOPPED\] 1 connections served, \d+ bytes received, \d+ sent", lines[-1]
+    )
     assert "drain timeout" not in "\n".join(lines)
     assert "Traceback" not in stderr
 
@@ -459,7 +462,7 @@ def test_json_log_format_prints_one_json_object_per_line() -> None:
     assert closed["reason"] == "client_closed"
     assert (closed["bytes_received"], closed["bytes_sent"]) == (5, 5)
     assert entries[-1]["connections"] == 1
-    assert entries[-1]["bytes_echoed"] == 5
+    assert entries[-1]["bytes_sent"] == 5
 
 
 def test_a_client_cannot_forge_a_log_line_or_send_escape_sequences_to_the_console() -> None:

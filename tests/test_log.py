@@ -291,11 +291,11 @@ def test_a_flood_of_refusals_is_one_line_per_reason_and_second(server_log: Captu
 @pytest.mark.parametrize(
     ("summary", "line"),
     [
-        (Summary(3, 0, 30, 30, 0), "3 connections served, 30 bytes echoed"),
-        (Summary(3, 5, 30, 30, 0), "3 connections served, 30 bytes echoed, 5 refused"),
+        (Summary(3, 0, 30, 30, 0), "3 connections served, 30 bytes received, 30 sent"),
+        (Summary(3, 5, 30, 30, 0), "3 connections served, 30 bytes received, 30 sent, 5 refused"),
         (
             Summary(0, 2, 0, 0, 7),
-            "0 connections served, 0 bytes echoed, 2 refused, 7 accept errors",
+            "0 connections served, 0 bytes received, 0 sent, 2 refused, 7 accept errors",
         ),
     ],
 )

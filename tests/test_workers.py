@@ -26,7 +26,7 @@ from tests.helpers import (
 LOCAL = ("--host", "127.0.0.1", "--port", "0")
 # The two engines; the asyncio one on the stdlib loop (uvloop accepts through the same code).
 ENGINES = ["threads", "asyncio"]
-TOTAL = re.compile(r"^\[SERVER STOPPED\] (\d+) connections served, (\d+) bytes echoed$")
+TOTAL = re.compile(r"^\[SERVER STOPPED\] (\d+) connections served, \d+ bytes received, (\d+) sent$")
 WORKER_TOTAL = re.compile(r"^\[WORKER STOPPED\] worker \d \(pid \d+\): (\d+) connections served")
 ACCEPTED = re.compile(r"^\[NEW CONNECTION\] 127\.0\.0\.1:(\d+) connected\..*\(worker (\d)\)$")
 # Bound for what should happen at once: a signal taking effect, a worker restarted.
@@ -101,7 +101,7 @@ class Output:
 
 
 def total_line(lines: list[str]) -> tuple[int, int]:
-    """(connections, bytes echoed) of the one [SERVER STOPPED] line, which must be the last."""
+    """(connections, bytes sent) of the one [SERVER STOPPED] line, which must be the last."""
     totals = [match for line in lines if (match := TOTAL.match(line))]
     assert len(totals) == 1, lines
     assert TOTAL.match(lines[-1]), lines[-1]

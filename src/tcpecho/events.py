@@ -106,12 +106,13 @@ Consumer = Callable[[Event], None]
 @dataclass
 class Summary:
     """What a server did: the counts its last log line gives. Every field is an int, so the
-    summaries of several workers add up field by field."""
+    summaries of several workers add up field by field. ``bytes_sent``: every byte the
+    server handed to the kernel and the client could read: echoes, replies and error lines."""
 
     connections: int = 0
     refused: int = 0
     bytes_received: int = 0
-    bytes_echoed: int = 0
+    bytes_sent: int = 0
     accept_errors: int = 0
 
 
@@ -153,7 +154,7 @@ class Counters:
                 connections=self.opened,
                 refused=sum(self.refused.values()),
                 bytes_received=self.bytes_received,
-                bytes_echoed=self.bytes_sent,
+                bytes_sent=self.bytes_sent,
                 accept_errors=self.accept_errors,
             )
 

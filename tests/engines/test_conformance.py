@@ -143,7 +143,7 @@ def test_stop_echoes_what_was_sent_then_closes(server: RunningServer) -> None:
         summary = server.stop(timeout=10)
         assert recv_until_closed(sock) == b""
     assert summary.connections == 1
-    assert summary.bytes_echoed == 11
+    assert summary.bytes_sent == 11
 
 
 def test_stop_with_no_client_returns_at_once(server: RunningServer) -> None:
