@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpecho.events import Closed, Refused, Stopped, Summary
+from tcpecho.events import Closed, Draining, Refused, Stopped, Summary
 from tcpecho.log import (
     MAX_LOGGED_BYTES,
     WARNING_INTERVAL,
@@ -306,6 +306,27 @@ def test_the_stop_line_counts_refusals_the_folded_log_lines_may_not_have_told(
     [record] = server_log.records
     assert record.getMessage() == line
     assert record.__dict__["fields"]["refused"] == summary.refused
+
+
+@pytest.mark.parametrize(
+    ("timeout", "text", "field"),
+    [
+        (5.0, "waiting up to 5s for 2 connections", 5.0),
+        (float("inf"), "waiting with no limit for 2 connections", None),
+    ],
+)
+def test_a_drain_without_a_limit_says_so_and_stays_strict_json(
+    server_log: CapturedRecords, timeout: float, text: str, field: float | None
+) -> None:
+    EventLog()(Draining(2, timeout))
+    [record] = server_log.records
+    assert text in record.getMessage()
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    entry = json.loads(JsonFormatter().format(record), parse_constant=refuse)
+    assert entry["timeout"] == field
 
 
 def test_a_closed_connection_is_one_line_with_its_reason_counts_and_discards(

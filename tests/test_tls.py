@@ -407,6 +407,23 @@ def test_fifty_silent_connections_do_not_delay_a_tls_client_and_time_out(
     assert_canary_echoed(server.address, pki)
 
 
+def test_a_wait_cut_short_by_max_wait_is_armed_again_not_taken_for_the_deadline(
+    serve_tls: ServerFactory, server_log: ServerLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engines wait at most MAX_WAIT (a day) at a time, so that a timeout of inf is no
+    error; a longer timeout must still end at its own deadline. Here MAX_WAIT is 0.1 s and
+    the handshake timeout 0.8 s: a client that never sends a ClientHello is closed at 0.8."""
+    monkeypatch.setattr("tcpecho.engines.threaded.MAX_WAIT", 0.1)
+    monkeypatch.setattr("tcpecho.engines.aio.MAX_WAIT", 0.1)
+    server = serve_tls(tls_handshake_timeout=0.8)
+    with connect(server.address, WAIT) as silent:
+        started = time.monotonic()
+        assert read_to_the_end(silent) == b""
+        waited = time.monotonic() - started
+    assert server_log.wait_for(HANDSHAKE_TIMED_OUT)
+    assert 0.8 - 0.05 <= waited <= 0.8 + 0.5
+
+
 def test_an_idle_tls_client_is_closed_at_the_idle_timeout_with_close_notify(
     serve_tls: ServerFactory, pki: Pki, server_log: ServerLog
 ) -> None:

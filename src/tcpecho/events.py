@@ -106,8 +106,9 @@ Consumer = Callable[[Event], None]
 @dataclass
 class Summary:
     """What a server did: the counts its last log line gives. Every field is an int, so the
-    summaries of several workers add up field by field. ``bytes_sent``: every byte the
-    server handed to the kernel and the client could read: echoes, replies and error lines."""
+    summaries of several workers add up field by field. ``bytes_sent``: the bytes of
+    the connections' echoes, replies and error lines handed to the kernel (a refusal's reply is
+    not counted: a refused client is no connection served)."""
 
     connections: int = 0
     refused: int = 0

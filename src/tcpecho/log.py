@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -100,7 +101,12 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            entry.update(fields)
+            # JSON has no infinity (json.dumps would write `Infinity`, which strict parsers
+            # refuse); a timeout of inf is no limit: null.
+            entry.update(
+                (key, None if isinstance(value, float) and not math.isfinite(value) else value)
+                for key, value in fields.items()
+            )
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=True)
@@ -186,8 +192,8 @@ class EventLog:
             self._info(
                 "SERVER STOPPING",
                 "draining",
-                "draining: waiting up to %gs for %d connections to finish",
-                event.timeout,
+                "draining: waiting %s for %d connections to finish",
+                f"up to {event.timeout:g}s" if math.isfinite(event.timeout) else "with no limit",
                 event.connections,
                 connections=event.connections,
                 timeout=event.timeout,

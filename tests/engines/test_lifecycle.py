@@ -256,6 +256,36 @@ def test_timeouts_too_long_for_the_os_still_leave_the_others_working(
     assert not [event for event in observed.events if isinstance(event, InternalError)]
 
 
+def test_waits_cut_short_by_max_wait_are_armed_again_not_taken_for_the_deadline(
+    observe: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engines wait at most MAX_WAIT (a day) at a time, so that a timeout of inf is no
+    error; a longer timeout must still end at its own deadline. With MAX_WAIT at 0.1 s: an
+    idle client is closed at its 0.8 s idle timeout, and one that never reads at its 0.8 s
+    write timeout (a blocked send's wait)."""
+    monkeypatch.setattr("tcpecho.engines.threaded.MAX_WAIT", 0.1)
+    monkeypatch.setattr("tcpecho.engines.aio.MAX_WAIT", 0.1)
+    observed = observe(idle_timeout=0.8, write_timeout=0.8)
+    with connect(observed.address) as idle:
+        idle.sendall(b"x")
+        assert recv_exactly(idle, 1) == b"x"
+        started = time.monotonic()
+        assert recv_until_closed(idle) == b""
+        waited = time.monotonic() - started
+    assert 0.8 - 0.05 <= waited <= 0.8 + SLACK
+    assert closed_reasons(observed) == [CloseReason.IDLE_TIMEOUT]
+    flooder = connect(observed.address)
+    try:
+        flooder.setblocking(False)
+        with pytest.raises(ConnectionResetError):
+            flood_until_reset(flooder, time.monotonic() + 20)
+    finally:
+        flooder.close()
+    not_reading = observed.wait_for(Closed, 2)[1]
+    assert not_reading.reason is CloseReason.NOT_READING
+    assert not_reading.duration >= 0.8  # its sends blocked after it opened: not cut at 0.1
+
+
 def test_every_refused_and_closed_connection_is_counted_in_the_summary(observe: Start) -> None:
     observed = observe(max_connections=1)
     with connect(observed.address) as sock:

@@ -289,12 +289,12 @@ class TimerThread:
     def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(self, callback)
         with self._lock:
-            heapq.heappush(self._heap, (deadline, next(self._order), timer))
-            if self._thread is None:
+            if self._thread is None:  # started with the lock held: it waits for the push
                 thread = threading.Thread(target=self._run, name="timers", daemon=True)
                 thread.start()
                 self._thread = thread
-            elif self._heap[0][2] is timer:  # sooner than the thread sleeps for
+            heapq.heappush(self._heap, (deadline, next(self._order), timer))
+            if self._heap[0][2] is timer:  # sooner than the thread sleeps for
                 self._changed.notify()
         return timer
 

@@ -287,15 +287,18 @@ class ThreadConnection(Driver):
         tls_sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
         self.sock, self._send, self._tls = tls_sock, tls_sock.send, True
         self._timed_out = _TLS_TIMED_OUT
-        tls_sock.settimeout(
-            min(max(self.session.handshake_deadline() - monotonic(), 0.001), MAX_WAIT)
-        )
-        try:
-            tls_sock.do_handshake()
-        except OSError as exc:  # ssl.SSLError is one
-            self.handshake_failed(exc)
-            self.reading = False
-            return
+        deadline = self.session.handshake_deadline()
+        while True:
+            tls_sock.settimeout(min(max(deadline - monotonic(), 0.001), MAX_WAIT))
+            try:
+                tls_sock.do_handshake()
+                break
+            except OSError as exc:  # ssl.SSLError is one, and so is the timeout
+                if isinstance(exc, TimeoutError) and monotonic() < deadline:
+                    continue  # the wait was cut to MAX_WAIT: the deadline is further on
+                self.handshake_failed(exc)
+                self.reading = False
+                return
         tls_sock.settimeout(None)  # blocking again: the kernel's timeouts are the timer
         self._timer_dirty = True
         self.handshake_done(tls_sock)
