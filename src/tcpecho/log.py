@@ -101,15 +101,21 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            # JSON has no infinity (json.dumps would write `Infinity`, which strict parsers
-            # refuse); a timeout of inf is no limit: null.
-            entry.update(
-                (key, None if isinstance(value, float) and not math.isfinite(value) else value)
-                for key, value in fields.items()
-            )
+            entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=True)
+        try:
+            return _STRICT_JSON.encode(entry)
+        except ValueError:  # a float JSON has no name for: a timeout of inf is no limit, null
+            finite = {
+                key: None if isinstance(value, float) and not math.isfinite(value) else value
+                for key, value in entry.items()
+            }
+            return _STRICT_JSON.encode(finite)
+
+
+# JSON has no infinity: json.dumps would write `Infinity`, which strict parsers refuse.
+_STRICT_JSON = json.JSONEncoder(ensure_ascii=True, allow_nan=False)
 
 
 def _event_name(tag: str) -> str:
