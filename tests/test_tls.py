@@ -413,6 +413,7 @@ def test_a_wait_cut_short_by_max_wait_is_armed_again_not_taken_for_the_deadline(
     """The engines wait at most MAX_WAIT (a day) at a time, so that a timeout of inf is no
     error; a longer timeout must still end at its own deadline. Here MAX_WAIT is 0.1 s and
     the handshake timeout 0.8 s: a client that never sends a ClientHello is closed at 0.8."""
+    monkeypatch.setattr("tcpecho.engines.base.MAX_WAIT", 0.1)
     monkeypatch.setattr("tcpecho.engines.threaded.MAX_WAIT", 0.1)
     monkeypatch.setattr("tcpecho.engines.aio.MAX_WAIT", 0.1)
     server = serve_tls(tls_handshake_timeout=0.8)

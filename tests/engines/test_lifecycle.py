@@ -263,6 +263,7 @@ def test_waits_cut_short_by_max_wait_are_armed_again_not_taken_for_the_deadline(
     error; a longer timeout must still end at its own deadline. With MAX_WAIT at 0.1 s: an
     idle client is closed at its 0.8 s idle timeout, and one that never reads at its 0.8 s
     write timeout (a blocked send's wait)."""
+    monkeypatch.setattr("tcpecho.engines.base.MAX_WAIT", 0.1)
     monkeypatch.setattr("tcpecho.engines.threaded.MAX_WAIT", 0.1)
     monkeypatch.setattr("tcpecho.engines.aio.MAX_WAIT", 0.1)
     observed = observe(idle_timeout=0.8, write_timeout=0.8)

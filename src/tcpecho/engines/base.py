@@ -70,6 +70,12 @@ INPUT_AGE_SLACK = 0.01
 ACCEPT_BATCH = 128
 
 
+def seconds_until(deadline: float, at_least: float = 0.0) -> float:
+    """How long to wait for ``deadline`` (monotonic): at least ``at_least``, at most
+    `MAX_WAIT`."""
+    return min(max(deadline - monotonic(), at_least), MAX_WAIT)
+
+
 @contextmanager
 def signals_wake(wake: socket.socket | None) -> Iterator[None]:
     """While serving in the main thread, a signal writes to ``wake``, which the engine's loop

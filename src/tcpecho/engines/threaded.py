@@ -16,7 +16,14 @@ from time import monotonic
 
 from tcpecho import net
 from tcpecho.config import ServerConfig
-from tcpecho.engines.base import MAX_WAIT, RECV_SIZE, Driver, EngineCore, signals_wake
+from tcpecho.engines.base import (
+    MAX_WAIT,
+    RECV_SIZE,
+    Driver,
+    EngineCore,
+    seconds_until,
+    signals_wake,
+)
 from tcpecho.events import Consumer, Summary
 from tcpecho.net import Address
 from tcpecho.protocol import MAX_V2_LENGTH, CloseReason
@@ -179,7 +186,7 @@ class Refused:
     def timeout(self) -> float | None:
         """How long the accept loop may wait before a refused connection's deadline."""
         deadlines = [conn.deadline for conn in self._lingering if conn.deadline is not None]
-        return min(max(min(deadlines) - monotonic(), 0.0), MAX_WAIT) if deadlines else None
+        return seconds_until(min(deadlines)) if deadlines else None
 
     def readable(self, conn: ThreadConnection) -> None:
         try:
@@ -289,7 +296,7 @@ class ThreadConnection(Driver):
         self._timed_out = _TLS_TIMED_OUT
         deadline = self.session.handshake_deadline()
         while True:
-            tls_sock.settimeout(min(max(deadline - monotonic(), 0.001), MAX_WAIT))
+            tls_sock.settimeout(seconds_until(deadline, at_least=0.001))
             try:
                 tls_sock.do_handshake()
                 break
@@ -463,9 +470,7 @@ class ThreadConnection(Driver):
 
     def _arm(self, option: int) -> None:
         self._timer_dirty = False
-        seconds = (
-            0.0 if self.deadline is None else min(max(self.deadline - monotonic(), 0.001), MAX_WAIT)
-        )
+        seconds = 0.0 if self.deadline is None else seconds_until(self.deadline, at_least=0.001)
         if self._tls:
             # A blocking SSLSocket retries a read or write that SO_RCVTIMEO or SO_SNDTIMEO cut
             # short, so those never fire: its own timeout (a poll before each try) does.
