@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
 
 from tests.faults.harness import FaultServer, StartServer
+
+# The servers a test started, for its report if it fails.
+SERVERS = pytest.StashKey[list[FaultServer]]()
+# How many of each server's lines a failed test's report shows, at most (the last ones).
+REPORT_LINES = 30
+
+
+def _routine(line: str) -> bool:
+    return line.startswith("[NEW CONNECTION]") or (
+        line.startswith("[DISCONNECTED]") and "closed by client (" in line
+    )
 
 
 @pytest.fixture
@@ -20,6 +31,7 @@ def fault_server(engine: str, request: pytest.FixtureRequest) -> Iterator[StartS
     them), not through the record_property fixture, which warns under the xunit2 format.
     """
     servers: list[FaultServer] = []
+    request.node.stash[SERVERS] = servers
 
     def record(name: str, value: object) -> None:
         request.node.user_properties.append((name, value))
@@ -34,3 +46,19 @@ def fault_server(engine: str, request: pytest.FixtureRequest) -> Iterator[StartS
     finally:
         for server in servers:
             server.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report ends with what each of its servers logged, but for the routine
+    lines (connected, closed by the client), and what it wrote to stderr: what the server saw
+    is often what explains the failure."""
+    report = yield
+    if report.failed and report.when == "call":
+        for server in item.stash.get(SERVERS, []):
+            lines = [line.text for line in server.lines if not _routine(line.text)]
+            text = "\n".join([*lines[-REPORT_LINES:], "--- stderr:", server.stderr()])
+            report.sections.append((f"server {server.pid} ({' '.join(server.flags)})", text))
+    return report

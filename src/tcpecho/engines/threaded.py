@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import queue
 import select
 import selectors
 import socket
@@ -31,7 +32,8 @@ from tcpecho.protocol.session import State
 
 
 class ThreadedEngine:
-    """Accepts in the calling thread; serves each connection in a thread of its own.
+    """Accepts in the calling thread; serves each connection in a thread of its own, which a
+    starter thread starts (so that accepting never waits for a thread to start).
 
     The accept loop waits in a selector on the listeners and a wake-up socket. `stop` only
     sets a flag and writes to that socket (no lock, so it is safe in a signal handler), which
@@ -50,8 +52,11 @@ class ThreadedEngine:
         self._listeners: list[socket.socket] = []
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._threads: set[ThreadConnection] = set()  # each with its thread started
+        self._threads: set[ThreadConnection] = set()  # each with its thread started or to start
         self._threads_lock = threading.Lock()
+        # Accepted connections whose thread the starter thread is to start (None: end).
+        self._to_start: queue.SimpleQueue[ThreadConnection | None] = queue.SimpleQueue()
+        self._starter = threading.Thread(target=self._start_threads, name="starter")
 
     def start(self) -> list[Address]:
         self._listeners = net.listening_sockets(self.config)
@@ -74,6 +79,7 @@ class ThreadedEngine:
     def serve(self) -> Summary:
         if self._wake_r is None:
             raise RuntimeError("start() first")
+        self._starter.start()
         with selectors.DefaultSelector() as selector, signals_wake(self._wake_w):
             self._refused = Refused(selector)
             selector.register(self._wake_r, selectors.EVENT_READ)
@@ -83,7 +89,10 @@ class ThreadedEngine:
                 for sock in self._listeners:
                     selector.unregister(sock)
                     sock.close()
-                self._drain(selector)
+                try:
+                    self._drain(selector)
+                finally:
+                    self._stop_starter()
         self._wake_r.close()
         if self._wake_w is not None:
             self._wake_w.close()
@@ -131,13 +140,26 @@ class ThreadedEngine:
         conn.thread = threading.Thread(target=conn.run, name=f"conn-{conn.peer}")
         with self._threads_lock:
             self._threads.add(conn)
-        try:
-            conn.thread.start()
-        except RuntimeError as exc:  # "can't start new thread": out of memory or a ulimit
-            with self._threads_lock:
-                self._threads.discard(conn)
-            conn.lost(exc)
-            sock.close()
+        self._to_start.put(conn)
+
+    def _start_threads(self) -> None:
+        """The starter thread: start each accepted connection's thread, in order, until
+        None.
+
+        `Thread.start` waits until the new thread runs. Under load that wait is milliseconds
+        (the new thread, then the starting one, must get the GIL from the others), and in the
+        accept thread it held accepting below the pace of a burst: with 5,000 connects at once
+        beside three busy processes the listen queue overflowed about 3,000 times, the clients
+        waited for SYN retries, and the kernel reset some of them. With the wait here, the
+        accept thread keeps the queue empty.
+        """
+        while (conn := self._to_start.get()) is not None:
+            try:
+                conn.thread.start()
+            except RuntimeError as exc:  # "can't start new thread": out of memory or a ulimit
+                conn.lost(exc)
+                conn.sock.close()
+                self.connection_ended(conn)
 
     def connection_ended(self, conn: ThreadConnection) -> None:
         with self._threads_lock:
@@ -163,7 +185,15 @@ class ThreadedEngine:
             left = list(self._threads)
         for conn in left:
             conn.stop_at_once()
-            conn.thread.join()
+        self._stop_starter()  # the threads it had still to start end at once: stopped
+        for conn in left:
+            if conn.thread.ident is not None:  # None: its start failed
+                conn.thread.join()
+
+    def _stop_starter(self) -> None:
+        """Let the starter thread start what it has left, then end."""
+        self._to_start.put(None)
+        self._starter.join()
 
 
 class Refused:
