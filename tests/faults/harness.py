@@ -22,9 +22,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +102,56 @@ def raise_nofile(needed: int) -> None:
             pytest.fail(message)
         pytest.skip(message)
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def thread_count(pid: int) -> int:
+    """How many threads process ``pid`` runs now."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no thread count for {pid}")
+
+
+def _pids_hierarchy() -> Path | None:
+    """Where the kernel's pids controller can be written to: cgroup v1's own hierarchy, or
+    cgroup v2's with the controller on for its children; None when neither is."""
+    v1 = Path("/sys/fs/cgroup/pids")
+    if (v1 / "cgroup.procs").exists():
+        return v1
+    v2 = Path("/sys/fs/cgroup")
+    with suppress(OSError):
+        if "pids" in (v2 / "cgroup.controllers").read_text().split():
+            (v2 / "cgroup.subtree_control").write_text("+pids")
+            return v2
+    return None
+
+
+@contextmanager
+def task_limit(pid: int) -> Iterator[Callable[[str], None]]:
+    """Put process ``pid`` in a cgroup of its own and yield a function that sets how many
+    tasks (threads) it may have, as systemd's TasksMax and a container's pids limit do
+    (``"max"``: no limit). Skipped where no pids controller can be written to (inside a
+    container, say): that is the kernel's setup, not a peer .ci/run could install."""
+    hierarchy = _pids_hierarchy()
+    if hierarchy is None:
+        pytest.skip("no writable cgroup pids controller to limit the server's threads")
+    group = hierarchy / f"tcpecho-test-{os.getpid()}-{pid}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup in {hierarchy}: {exc.strerror}")
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+
+        def limit_tasks(limit: str) -> None:
+            (group / "pids.max").write_text(limit)
+
+        yield limit_tasks
+    finally:
+        with suppress(OSError):  # the process may be gone
+            (hierarchy / "cgroup.procs").write_text(str(pid))
+        group.rmdir()
 
 
 class FaultServer:

@@ -22,8 +22,10 @@ from tests.faults.harness import (
     peer_of,
     raise_nofile,
     small_buffer_socket,
+    task_limit,
+    thread_count,
 )
-from tests.helpers import FULL_COUNTS, connect, recv_exactly, recv_until_closed
+from tests.helpers import FULL_COUNTS, connect, recv_exactly, recv_until_closed, require_root
 
 # Descriptors a process needs besides one per connection: std streams, pipes, the listener,
 # the selector, the wake-up sockets, pytest's own files.
@@ -279,6 +281,47 @@ STARVING_CLIENTS = 100
 STARVED_WINDOW = 2.0
 # Two lines read from the server's pipe may be this much closer than they were written.
 LINE_JITTER = 0.05
+
+
+# Clients the threads engine serves under the task limit before one gets no thread.
+SERVED_UNDER_LIMIT = 3
+
+
+@pytest.mark.parametrize("engine", ["threads"])
+def test_out_of_threads_a_client_is_told_busy_and_the_others_go_on(
+    fault_server: StartServer, engine: str
+) -> None:
+    """The threads engine under a cap on its tasks (systemd's TasksMax, a container's pids
+    limit): a client it can start no thread for gets the busy line and the end, with a log
+    line that says why and what it sent; the clients already served go on, and once threads
+    are free again a new client is served."""
+    require_root("a cgroup that caps the server's threads")
+    server = fault_server()
+    with task_limit(server.pid) as limit_tasks:
+        limit_tasks(str(thread_count(server.pid) + SERVED_UNDER_LIMIT))
+        served = [connect(server.address) for _ in range(SERVED_UNDER_LIMIT)]
+        for sock in served:
+            assert echo_once(sock) == b"still served\n"
+        mark = server.mark()
+        for _ in range(2):
+            with connect(server.address) as unserved:
+                unserved.sendall(b"no thread for me\n")
+                assert recv_exactly(unserved, len(BUSY_REPLY)) == BUSY_REPLY
+        for sock in served:
+            assert echo_once(sock) == b"still served\n"
+        limit_tasks("max")
+        with connect(server.address) as late:
+            assert echo_once(late) == b"still served\n"
+        for sock in served:
+            sock.close()
+
+    def expected() -> None:
+        lines = server.wait_for("[DISCONNECTED]", "no thread could be started", count=2, since=mark)
+        for line in lines:
+            assert "can't start new thread (17 bytes received" in line.text, line.text
+            assert "17 discarded" in line.text, line.text
+
+    server.check(expected)
 
 
 def test_out_of_descriptors_the_server_waits_quietly_then_serves_again(

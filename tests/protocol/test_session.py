@@ -246,6 +246,7 @@ def test_stopping_answers_an_unfinished_line_then_lingers() -> None:
     [
         (CloseReason.REFUSED_BUSY, BUSY_REPLY),
         (CloseReason.REFUSED_PER_ADDRESS, TOO_MANY_FROM_ADDRESS_REPLY),
+        (CloseReason.NO_THREAD, BUSY_REPLY),  # admitted, then no thread could be started
     ],
 )
 def test_a_refused_client_gets_its_reason_then_a_half_close(

@@ -372,6 +372,12 @@ class Driver:
         self.session.commands.clear()
         self.abort()
 
+    def cannot_serve(self, exc: Exception) -> None:
+        """The engine cannot serve this admitted connection (no thread could be started for
+        it): the client is told the server is busy, and it ends like a refused one."""
+        self.session.detail = str(exc)
+        self.send(self.session.refuse(CloseReason.NO_THREAD, monotonic()))
+
     def timer_fired(self) -> None:
         with self.contained():
             self.count_echoed()

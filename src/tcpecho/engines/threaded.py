@@ -57,6 +57,7 @@ class ThreadedEngine:
         # Accepted connections whose thread the starter thread is to start (None: end).
         self._to_start: queue.SimpleQueue[ThreadConnection | None] = queue.SimpleQueue()
         self._starter = threading.Thread(target=self._start_threads, name="starter")
+        self._unserved: queue.SimpleQueue[ThreadConnection] = queue.SimpleQueue()
 
     def start(self) -> list[Address]:
         self._listeners = net.listening_sockets(self.config)
@@ -105,11 +106,13 @@ class ThreadedEngine:
             for key, _ in selector.select(self._refused.timeout()):
                 if key.data is None:
                     self._clear_wake()
+                    self._take_unserved(linger=True)
                 elif isinstance(key.data, ThreadConnection):
                     self._refused.readable(key.data)
                 elif not self._stop_requested:
                     self._accept(key.data)
             self._refused.expire()
+        self._take_unserved(linger=True)
         self._refused.close_all()
 
     def _clear_wake(self) -> None:
@@ -181,10 +184,25 @@ class ThreadedEngine:
     def _start(self, conn: ThreadConnection) -> None:
         try:
             conn.thread.start()
-        except RuntimeError as exc:  # "can't start new thread": out of memory or a ulimit
-            conn.lost(exc)
-            conn.sock.close()
+        except RuntimeError as exc:
+            # "can't start new thread": a limit on tasks (systemd's TasksMax, a container's
+            # pids limit, ulimit -u) or on memory. The client is told the server is busy; the
+            # accept thread lingers with it, as with a refused client.
             self.connection_ended(conn)
+            conn.cannot_serve(exc)
+            self._unserved.put(conn)
+            self.wake()
+
+    def _take_unserved(self, *, linger: bool) -> None:
+        """The connections no thread could be started for: linger with them among the refused
+        ones, or (the server stopping) close them."""
+        while not self._unserved.empty():
+            conn = self._unserved.get()
+            if linger:
+                self._refused.add(conn)
+            else:
+                conn.sock.close()
+                conn.lost(None)
 
     def connection_ended(self, conn: ThreadConnection) -> None:
         with self._threads_lock:
@@ -219,6 +237,7 @@ class ThreadedEngine:
         """Let the starter thread start what it has left, then end."""
         self._to_start.put(None)
         self._starter.join()
+        self._take_unserved(linger=False)
 
 
 class Refused:

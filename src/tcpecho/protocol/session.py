@@ -155,6 +155,7 @@ class CloseReason(enum.Enum):
     PROXY_HEADER_TIMEOUT = "closed: no PROXY header in time"
     TLS_HANDSHAKE_FAILED = "closed: TLS handshake failed"
     TLS_HANDSHAKE_TIMEOUT = "closed: TLS handshake not done in time (--tls-handshake-timeout)"
+    NO_THREAD = "closed: server busy, no thread could be started for it"
     REFUSED_BUSY = "refused: server busy (--max-connections)"
     REFUSED_PER_ADDRESS = "refused: too many connections from this address (--max-per-address)"
     REFUSED_DENIED = "refused: address denied (--allow/--deny)"
@@ -170,9 +171,11 @@ class CloseReason(enum.Enum):
         return self.name.startswith("REFUSED_")
 
 
-# What a refused client is sent before the server closes (a denied one gets nothing at all).
+# What a client the server will not serve is sent before it closes: a refused one (a denied
+# one gets nothing at all), or one admitted that the engine found no thread for.
 REFUSAL_REPLIES: dict[CloseReason, bytes] = {
     CloseReason.REFUSED_BUSY: BUSY_REPLY,
+    CloseReason.NO_THREAD: BUSY_REPLY,
     CloseReason.REFUSED_PER_ADDRESS: TOO_MANY_FROM_ADDRESS_REPLY,
     CloseReason.REFUSED_STOPPING: STOPPING_REPLY,
 }
@@ -394,8 +397,9 @@ class Session:
                 self.commands.append(Command.RESUME_READING)
 
     def refuse(self, reason: CloseReason, now: float) -> bytes:
-        """Refuse a client that was just accepted: an error line and close, or (denied) only
-        close. Returns the bytes to send."""
+        """Refuse a client that was just accepted (or, `CloseReason.NO_THREAD`, one that was
+        admitted but cannot be served): an error line and close, or (denied) only close.
+        Returns the bytes to send."""
         self._fast = self._echo_raw = False
         reply = REFUSAL_REPLIES.get(reason, b"")
         if self.state is State.HANDSHAKE:
