@@ -80,11 +80,11 @@ class ThreadedEngine:
     def serve(self) -> Summary:
         if self._wake_r is None:
             raise RuntimeError("start() first")
-        self._starter.start()
         with selectors.DefaultSelector() as selector, signals_wake(self._wake_w):
             self._refused = Refused(selector)
             selector.register(self._wake_r, selectors.EVENT_READ)
             try:
+                self._starter.start()
                 self._accept_until_stopped(selector)
             finally:
                 for sock in self._listeners:
@@ -133,29 +133,33 @@ class ThreadedEngine:
         wake-up cost a fifth more CPU per connection for one client reconnecting.
         """
         admitted: list[ThreadConnection] = []
-        for _ in range(ACCEPT_BATCH):
-            accepted = self.core.accept(listener)
-            if isinstance(accepted, tuple):
-                conn = self._admit(*accepted)
-                if conn is not None:
-                    admitted.append(conn)
-            elif accepted is None:  # none waiting
-                break
-            elif accepted:  # out of descriptors or memory: pause accepting
-                if self._wake_r is not None:
-                    # A pause that a stop still ends at once (the listener, still readable,
-                    # is not watched meanwhile).
-                    select.select([self._wake_r], [], [], accepted)
-                break
-            # (0.0: a connection failed before it was accepted.) Another waiting? Asked with
-            # a poll: an accept that finds none raises, which costs ten times more.
-            if not select.select([listener], [], [], 0)[0]:
-                break
-        if len(admitted) == 1 and self._to_start.empty():
-            self._start(admitted[0])
-        else:
-            for conn in admitted:
-                self._to_start.put(conn)
+        pause = 0.0
+        try:
+            for _ in range(ACCEPT_BATCH):
+                accepted = self.core.accept(listener)
+                if isinstance(accepted, tuple):
+                    conn = self._admit(*accepted)
+                    if conn is not None:
+                        admitted.append(conn)
+                elif accepted is None:  # none waiting
+                    break
+                elif accepted:  # out of descriptors or memory: pause accepting
+                    pause = accepted
+                    break
+                # (0.0: a connection failed before it was accepted.) Another waiting? Asked
+                # with a poll: an accept that finds none raises, which costs ten times more.
+                if not select.select([listener], [], [], 0)[0]:
+                    break
+        finally:
+            if len(admitted) == 1 and self._to_start.empty():
+                self._start(admitted[0])
+            else:
+                for conn in admitted:
+                    self._to_start.put(conn)
+        if pause and self._wake_r is not None:
+            # A pause that a stop still ends at once (the listener, still readable, is not
+            # watched meanwhile).
+            select.select([self._wake_r], [], [], pause)
 
     def _admit(self, sock: socket.socket, address: Address) -> ThreadConnection | None:
         """The connection to give a thread, or None when it was refused."""
@@ -179,7 +183,11 @@ class ThreadedEngine:
         """The starter thread: start the thread of each connection handed to it, in order,
         until None."""
         while (conn := self._to_start.get()) is not None:
-            self._start(conn)
+            if conn.stopped_at_once:  # a forced stop or the drain timeout came first
+                conn.end_unstarted()
+                self.connection_ended(conn)
+            else:
+                self._start(conn)
 
     def _start(self, conn: ThreadConnection) -> None:
         try:
@@ -189,7 +197,12 @@ class ThreadedEngine:
             # pids limit, ulimit -u) or on memory. The client is told the server is busy; the
             # accept thread lingers with it, as with a refused client.
             self.connection_ended(conn)
-            conn.cannot_serve(exc)
+            try:
+                conn.cannot_serve(exc)
+            except OSError as error:  # the client is gone (or a stop shut the socket)
+                conn.sock.close()
+                conn.lost(error)
+                return
             self._unserved.put(conn)
             self.wake()
 
@@ -236,7 +249,8 @@ class ThreadedEngine:
     def _stop_starter(self) -> None:
         """Let the starter thread start what it has left, then end."""
         self._to_start.put(None)
-        self._starter.join()
+        if self._starter.ident is not None:  # None: it could not be started
+            self._starter.join()
         self._take_unserved(linger=False)
 
 
@@ -449,6 +463,19 @@ class ThreadConnection(Driver):
             self.input_ended()  # the read side is shut: nothing more will come
         else:
             self.input_ended()
+
+    @property
+    def stopped_at_once(self) -> bool:
+        """A forced stop or the drain timeout has ended this connection (`force`)."""
+        return self._forced is not None
+
+    def end_unstarted(self) -> None:
+        """From the starter: end a connection stopped at once before its thread started, as
+        its thread would have."""
+        assert self._forced is not None
+        super().force(self._forced)
+        self.sock.close()
+        self.lost(None)
 
     def wake_to_stop(self) -> None:
         """From the accept thread: wake this connection's thread to drain."""
