@@ -115,6 +115,7 @@ class Summary:
     bytes_received: int = 0
     bytes_sent: int = 0
     accept_errors: int = 0
+    unserved: int = 0  # admitted, then told the server is busy: no thread could serve them
 
 
 @dataclass
@@ -151,12 +152,14 @@ class Counters:
 
     def summary(self) -> Summary:
         with self._lock:
+            unserved = self.closed[CloseReason.NO_THREAD]
             return Summary(
-                connections=self.opened,
+                connections=self.opened - unserved,
                 refused=sum(self.refused.values()),
                 bytes_received=self.bytes_received,
                 bytes_sent=self.bytes_sent,
                 accept_errors=self.accept_errors,
+                unserved=unserved,
             )
 
 

@@ -228,6 +228,7 @@ class EventLog:
             f", {count} {what}"
             for count, what in (
                 (summary.refused, "refused"),
+                (summary.unserved, "not served (no thread)"),
                 (summary.accept_errors, "accept errors"),
             )
             if count
@@ -247,6 +248,7 @@ class EventLog:
             refused=summary.refused,
             bytes_received=summary.bytes_received,
             accept_errors=summary.accept_errors,
+            unserved=summary.unserved,
         )
 
     def _message(self, event: Message) -> None:

@@ -322,6 +322,9 @@ def test_out_of_threads_a_client_is_told_busy_and_the_others_go_on(
             assert "17 discarded" in line.text, line.text
 
     server.check(expected)
+    server.terminate()
+    stopped = server.wait_for("[SERVER STOPPED]")[0].text
+    assert stopped.endswith(" sent, 2 not served (no thread)"), stopped
 
 
 def test_out_of_descriptors_the_server_waits_quietly_then_serves_again(
