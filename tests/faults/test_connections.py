@@ -4,6 +4,7 @@ running out of descriptors, and a restart on the same port."""
 from __future__ import annotations
 
 import itertools
+import selectors
 import socket
 import struct
 import time
@@ -22,6 +23,7 @@ from tests.faults.harness import (
     peer_of,
     raise_nofile,
     small_buffer_socket,
+    start_connects,
     task_limit,
     thread_count,
 )
@@ -285,6 +287,11 @@ LINE_JITTER = 0.05
 
 # Clients the threads engine serves under the task limit before one gets no thread.
 SERVED_UNDER_LIMIT = 3
+# Unserved clients: some one at a time (the accept thread starts a lone connection's thread
+# itself), then a burst of connects at once (handed to the starter thread).
+UNSERVED_ONE_BY_ONE = 2
+UNSERVED_AT_ONCE = 20
+UNSERVED = UNSERVED_ONE_BY_ONE + UNSERVED_AT_ONCE
 
 
 @pytest.mark.parametrize("engine", ["threads"])
@@ -303,10 +310,22 @@ def test_out_of_threads_a_client_is_told_busy_and_the_others_go_on(
         for sock in served:
             assert echo_once(sock) == b"still served\n"
         mark = server.mark()
-        for _ in range(2):
+        for _ in range(UNSERVED_ONE_BY_ONE):
             with connect(server.address) as unserved:
                 unserved.sendall(b"no thread for me\n")
                 assert recv_exactly(unserved, len(BUSY_REPLY)) == BUSY_REPLY
+        burst: list[socket.socket] = []
+        with selectors.DefaultSelector() as selector:
+            start_connects(server.address, UNSERVED_AT_ONCE, selector, burst)
+        try:
+            for sock in burst:
+                sock.settimeout(10.0)  # a send waits for the connect to complete
+                sock.sendall(b"no thread for me\n")
+            for sock in burst:
+                assert recv_exactly(sock, len(BUSY_REPLY)) == BUSY_REPLY
+        finally:
+            for sock in burst:
+                sock.close()
         for sock in served:
             assert echo_once(sock) == b"still served\n"
         limit_tasks("max")
@@ -316,7 +335,10 @@ def test_out_of_threads_a_client_is_told_busy_and_the_others_go_on(
             sock.close()
 
     def expected() -> None:
-        lines = server.wait_for("[DISCONNECTED]", "no thread could be started", count=2, since=mark)
+        lines = server.wait_for(
+            "[DISCONNECTED]", "no thread could be started", count=UNSERVED, since=mark
+        )
+        assert len(lines) == UNSERVED
         for line in lines:
             assert "can't start new thread (17 bytes received" in line.text, line.text
             assert "17 discarded" in line.text, line.text
@@ -324,7 +346,7 @@ def test_out_of_threads_a_client_is_told_busy_and_the_others_go_on(
     server.check(expected)
     server.terminate()
     stopped = server.wait_for("[SERVER STOPPED]")[0].text
-    assert stopped.endswith(" sent, 2 not served (no thread)"), stopped
+    assert stopped.endswith(f" sent, {UNSERVED} not served (no thread)"), stopped
 
 
 def test_out_of_descriptors_the_server_waits_quietly_then_serves_again(
