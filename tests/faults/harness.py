@@ -143,10 +143,14 @@ def task_limit(pid: int) -> Iterator[Callable[[str], None]]:
         pytest.skip(f"cannot make a cgroup in {hierarchy}: {exc.strerror}")
     try:
         (group / "cgroup.procs").write_text(str(pid))
+    except OSError as exc:
+        group.rmdir()
+        pytest.skip(f"cannot move the server into a cgroup of {hierarchy}: {exc.strerror}")
 
-        def limit_tasks(limit: str) -> None:
-            (group / "pids.max").write_text(limit)
+    def limit_tasks(limit: str) -> None:
+        (group / "pids.max").write_text(limit)
 
+    try:
         yield limit_tasks
     finally:
         with suppress(OSError):  # the process may be gone
