@@ -108,7 +108,8 @@ class Summary:
     """What a server did: the counts its last log line gives. Every field is an int, so the
     summaries of several workers add up field by field. ``bytes_sent``: the bytes of
     the connections' echoes, replies and error lines handed to the kernel (a refusal's reply is
-    not counted: a refused client is no connection served)."""
+    not counted: a refused client is no connection served; the busy line of an unserved one,
+    admitted first, is)."""
 
     connections: int = 0
     refused: int = 0

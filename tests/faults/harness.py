@@ -70,13 +70,23 @@ def peer_of(sock: socket.socket) -> str:
     return format_address(sock.getsockname())
 
 
-def rss_bytes(pid: int) -> int:
-    """The process's resident set size (VmRSS)."""
+def _status_field(pid: int, name: str) -> int:
+    """A number of /proc/PID/status (``VmRSS``, in KiB; ``Threads``)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {name} for {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    """The process's resident set size (VmRSS)."""
+    return _status_field(pid, "VmRSS") * 1024
+
+
+def thread_count(pid: int) -> int:
+    """How many threads process ``pid`` runs now."""
+    return _status_field(pid, "Threads")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,15 +112,6 @@ def raise_nofile(needed: int) -> None:
             pytest.fail(message)
         pytest.skip(message)
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def thread_count(pid: int) -> int:
-    """How many threads process ``pid`` runs now."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no thread count for {pid}")
 
 
 def _pids_hierarchy() -> Path | None:

@@ -65,8 +65,8 @@ ACCEPT_RETRY_DELAY = 0.1
 FAST_ECHO = net.INPUT_AGE_KNOWN
 # See `Driver.timer_fired`: one kernel tick at the slowest tick rate Linux has (100 Hz).
 INPUT_AGE_SLACK = 0.01
-# Connections the asyncio engine accepts per readiness event, so a burst cannot starve the
-# connections already open.
+# Connections an engine accepts per readiness event, so a burst cannot starve the
+# connections already open (the threads engine's accept thread: its refused clients).
 ACCEPT_BATCH = 128
 
 

@@ -18,6 +18,7 @@ from time import monotonic
 from tcpecho import net
 from tcpecho.config import ServerConfig
 from tcpecho.engines.base import (
+    ACCEPT_BATCH,
     MAX_WAIT,
     RECV_SIZE,
     Driver,
@@ -127,10 +128,10 @@ class ThreadedEngine:
         (the new thread, then the starting one, must get the GIL from the others), and it held
         accepting below the pace of a burst: with 5,000 connects at once beside three busy
         processes, the listen queue overflowed about 3,000 times, the clients waited for SYN
-        retries, and the kernel reset some of them. So when more than one connection was
-        waiting, or threads are still to start, the starter thread starts them and this one
-        goes on accepting. A lone connection's thread is started here: a second thread's
-        wake-up cost a fifth more CPU per connection for one client reconnecting.
+        retries, and a client left too long in a full queue is reset. So when more than one
+        connection was waiting, or threads are still to start, the starter thread starts them
+        and this one goes on accepting. A lone connection's thread is started here: a second
+        thread's wake-up cost a fifth more CPU per connection for one client reconnecting.
         """
         admitted: list[ThreadConnection] = []
         pause = 0.0
@@ -214,8 +215,7 @@ class ThreadedEngine:
             if linger:
                 self._refused.add(conn)
             else:
-                conn.sock.close()
-                conn.lost(None)
+                Refused.close(conn)
 
     def connection_ended(self, conn: ThreadConnection) -> None:
         with self._threads_lock:
@@ -265,7 +265,7 @@ class Refused:
 
     def add(self, conn: ThreadConnection) -> None:
         if not conn.reading:  # the session closed it at once (a denied client)
-            self._close(conn)
+            self.close(conn)
             return
         conn.sock.setblocking(False)
         self._selector.register(conn.sock, selectors.EVENT_READ, data=conn)
@@ -301,10 +301,10 @@ class Refused:
         if not conn.reading:
             self._lingering.discard(conn)
             self._selector.unregister(conn.sock)
-            self._close(conn)
+            self.close(conn)
 
     @staticmethod
-    def _close(conn: ThreadConnection) -> None:
+    def close(conn: ThreadConnection) -> None:
         conn.sock.close()
         conn.lost(None)
 
@@ -582,9 +582,6 @@ class ThreadConnection(Driver):
         self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
 
-# How many waiting connections the accept thread takes in a row before it looks at its other
-# sockets again.
-ACCEPT_BATCH = 64
 # Draining: how often a connection looks whether the client has acknowledged its last replies
 # before it sends its end (see _wait_acknowledged).
 ACK_POLL = 0.005
